@@ -1,0 +1,56 @@
+"""Tensors in [-1, 1] to PNG images and labelled grids. No model, no deepspeed."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["to_uint8", "to_pil", "make_grid", "save_grid"]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B,C,H,W) in [-1,1] -> (B,H,W,C) uint8."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    arr = to_uint8(x)
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def make_grid(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 2,
+              row_labels: Optional[Sequence[str]] = None, col_labels: Optional[Sequence[str]] = None,
+              label_width: int = 0) -> Image.Image:
+    """A grid of ``nrow`` images per row; optional text labels left of rows and above columns."""
+    pil = [im.convert("RGB") for im in to_pil(images)]
+    if scale != 1:
+        pil = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in pil]
+    w, h = pil[0].size
+    ncol = nrow
+    nrows = (len(pil) + ncol - 1) // ncol
+    font = ImageFont.load_default()
+    lw = label_width or (max((len(s) for s in row_labels), default=0) * 6 + 6 if row_labels else 0)
+    th = 14 if col_labels else 0
+    grid = Image.new("RGB", (lw + ncol * (w + pad) + pad, th + nrows * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(pil):
+        r, c = divmod(i, ncol)
+        grid.paste(im, (lw + pad + c * (w + pad), th + pad + r * (h + pad)))
+    for r, text in enumerate(row_labels or []):
+        draw.text((2, th + pad + r * (h + pad) + h // 2 - 5), str(text), fill="black", font=font)
+    for c, text in enumerate(col_labels or []):
+        draw.text((lw + pad + c * (w + pad), 1), str(text), fill="black", font=font)
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int, **kwargs) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid = make_grid(images, nrow, **kwargs)
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    grid.save(tmp)
+    os.replace(tmp, path)
+    return path
