@@ -88,6 +88,7 @@ class UNetConfig:
     groups: int = 32
     dropout: float = 0.0
     linear_projection: bool = True
+    scale_shift: bool = False       # ResBlock time embedding: False additive (SD), True h*(1+s)+b
 
 
 @dataclass
