@@ -1,0 +1,449 @@
+"""The network eps_theta(x_t, t, ctx): a text-conditioned UNet.
+
+Block structure equivalent to diffusers' ``UNet2DConditionModel`` (SD1/SD2 family), written small:
+
+    conv_in -> down levels [ResBlock (+ SpatialTransformer)] x num_res_blocks, Downsample (stride-2 conv)
+            -> mid: ResBlock, SpatialTransformer, ResBlock (mid_attention=False: one ResBlock)
+            -> up levels [cat(skip) -> ResBlock (+ SpatialTransformer)] x (num_res_blocks + 1), Upsample
+            -> GroupNorm, SiLU, conv_out (zero-initialised)
+
+- time: sinusoidal embedding of t (cos first, as diffusers ``flip_sin_to_cos=True``) -> Linear, SiLU,
+  Linear (width 4 x channels); an optional pooled text vector goes through its own MLP and is added.
+- ResBlock (diffusers ``ResnetBlock2D``): GroupNorm, SiLU, conv3x3, + Linear(SiLU(temb)) (additive, or
+  scale-shift ``h * (1 + s) + b`` after the second norm), GroupNorm, SiLU, dropout, conv3x3 (zero-init),
+  1x1 skip conv when the width changes.
+- SpatialTransformer (diffusers ``Transformer2DModel``): GroupNorm, proj_in (linear or 1x1 conv), depth x
+  [x + SelfAttn(LN x); x + CrossAttn(LN x, ctx, mask); x + GEGLU-FF(LN x)], proj_out (zero-init), residual.
+
+Memory and speed switches are applied from OUTSIDE (``apply_activation_checkpointing``,
+``unet.to(memory_format=torch.channels_last)``, ``torch.compile``). ``to_diffusers_state_dict`` and
+``from_diffusers_state_dict`` map weights to and from diffusers' key layout.
+
+No diffusion math, no deepspeed, no text encoder here.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import UNetConfig
+
+__all__ = ["UNet", "ResBlock", "SpatialTransformer", "timestep_embedding", "apply_activation_checkpointing",
+           "count_params", "level_channels", "level_heads", "to_diffusers_state_dict",
+           "from_diffusers_state_dict", "diffusers_config"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """t (B,) int or float -> (B, dim) float32 [cos(t w_i), sin(t w_i)], w_i = max_period^(-i/half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]                      # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)     # (B, 2*half)
+    return F.pad(emb, (0, dim - 2 * half))                          # odd dim: one zero column
+
+
+class _Block(nn.Module):
+    """A unit that ``apply_activation_checkpointing`` may wrap (ResBlock, SpatialTransformer)."""
+    checkpointing: bool = False
+
+
+def _run(block: _Block, *args):
+    """Call a block, through non-reentrant activation checkpointing when switched on.
+
+    The whole ``block.__call__`` (module hooks included) is recomputed, so ZeRO-3's parameter
+    gather hooks fire again in the backward recompute; no weight is cached outside the module."""
+    if block.checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+class ResBlock(_Block):
+    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, dropout: float = 0.0,
+                 scale_shift: bool = False):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-5)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_proj = nn.Linear(temb_dim, cout * (2 if scale_shift else 1))
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-5)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        # x (B, Cin, H, W); temb (B, temb_dim), already through SiLU
+        h = self.conv1(F.silu(self.norm1(x)))                        # (B, Cout, H, W)
+        e = self.time_proj(temb)[:, :, None, None]                   # (B, Cout or 2 Cout, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention over tokens; keys from ``ctx`` (cross) or from ``x`` (self)."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int = 0):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(kv_dim or dim, dim, bias=False)
+        self.v = nn.Linear(kv_dim or dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x (B, N, C); ctx (B, L, Dc) or None (self-attention); mask (B, L) bool, True = attend
+        src = x if ctx is None else ctx.to(x.dtype)
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+        k = rearrange(self.k(src), "b l (h d) -> b h l d", h=self.heads)
+        v = rearrange(self.v(src), "b l (h d) -> b h l d", h=self.heads)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v)                          # (B, h, N, d)
+        else:
+            # masked keys get -inf. A row with no valid key would be NaN: it attends to all its keys
+            # instead and its result is then zeroed, i.e. an all-masked context contributes nothing.
+            valid = mask.any(dim=-1)                                             # (B,)
+            keep = (mask | ~valid[:, None])[:, None, None, :]                    # (B, 1, 1, L)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+            o = o * valid[:, None, None, None].to(o.dtype)
+        return self.out(rearrange(o, "b h n d -> b n (h d)"))
+
+
+class FeedForward(nn.Module):
+    """GEGLU: Linear(C, 2*4C) -> a * gelu(g) -> Linear(4C, C)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * mult * dim)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, g = self.proj(x).chunk(2, dim=-1)
+        return self.out(a * F.gelu(g))
+
+
+class TransformerBlock(nn.Module):
+    """diffusers' BasicTransformerBlock (pre-LayerNorm): self-attn, cross-attn, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim) if context_dim > 0 else None
+        self.attn2 = Attention(dim, heads, context_dim) if context_dim > 0 else None
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, ctx=None, mask=None):
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None and ctx is not None:      # ctx None: unconditional, cross-attn skipped
+            x = x + self.attn2(self.norm2(x), ctx, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(_Block):
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int,
+                 linear: bool = True):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention: {channels} channels do not split into {heads} heads")
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
+        self.proj_out = proj()
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, ctx: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x (B, C, H, W) -> tokens (B, H*W, C) -> back
+        h, w = x.shape[-2:]
+        y = self.norm(x)
+        if self.linear:
+            y = self.proj_in(rearrange(y, "b c h w -> b (h w) c"))
+        else:
+            y = rearrange(self.proj_in(y), "b c h w -> b (h w) c")
+        for blk in self.blocks:
+            y = blk(y, ctx, mask)
+        if self.linear:
+            y = rearrange(self.proj_out(y), "b (h w) c -> b c h w", h=h, w=w)
+        else:
+            y = self.proj_out(rearrange(y, "b (h w) c -> b c h w", h=h, w=w))
+        return x + y
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution: resblocks, their transformers (empty where no attention), a resampler."""
+
+    def __init__(self):
+        super().__init__()
+        self.res = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        self.sample: Optional[nn.Module] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The UNet
+# ---------------------------------------------------------------------------------------------
+def level_channels(cfg: UNetConfig) -> list[int]:
+    return [cfg.channels * m for m in cfg.channel_mult]
+
+
+def level_heads(cfg: UNetConfig) -> list[int]:
+    chs = level_channels(cfg)
+    if cfg.num_heads:
+        if len(cfg.num_heads) != len(chs):
+            raise ValueError(f"unet.num_heads has {len(cfg.num_heads)} entries, channel_mult {len(chs)}")
+        return list(cfg.num_heads)
+    return [max(1, c // cfg.head_dim) for c in chs]
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        chs, heads = level_channels(cfg), level_heads(cfg)
+        n_levels, nrb, g = len(chs), cfg.num_res_blocks, cfg.groups
+        bad = [lv for lv in cfg.attention_levels if not 0 <= lv < n_levels]
+        if bad:
+            raise ValueError(f"unet.attention_levels {bad} outside 0..{n_levels - 1}")
+        c0 = chs[0]
+        temb = 4 * c0
+        self.time_embed = nn.Sequential(nn.Linear(c0, temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.pooled_embed = (nn.Sequential(nn.Linear(cfg.pooled_dim, temb), nn.SiLU(), nn.Linear(temb, temb))
+                             if cfg.pooled_dim > 0 else None)
+        self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+
+        def res(cin, cout):
+            return ResBlock(cin, cout, temb, g, cfg.dropout, cfg.scale_shift)
+
+        def attn(c, lv):
+            return SpatialTransformer(c, heads[lv], cfg.transformer_depth, cfg.context_dim, g,
+                                      cfg.linear_projection)
+
+        # down path; `skips` records the width of every tensor pushed for the up path
+        self.down = nn.ModuleList()
+        skips, c = [c0], c0
+        for lv, cout in enumerate(chs):
+            level = Level()
+            for _ in range(nrb):
+                level.res.append(res(c, cout))
+                c = cout
+                if lv in cfg.attention_levels:
+                    level.attn.append(attn(c, lv))
+                skips.append(c)
+            if lv < n_levels - 1:
+                level.sample = Downsample(c)
+                skips.append(c)
+            self.down.append(level)
+
+        # mid: ResBlock, SpatialTransformer, ResBlock (without attention a single ResBlock, as diffusers)
+        self.mid = Level()
+        self.mid.res.append(res(c, c))
+        if cfg.mid_attention:
+            self.mid.attn.append(attn(c, n_levels - 1))
+            self.mid.res.append(res(c, c))
+
+        # up path, lowest resolution first (diffusers' up_blocks order)
+        self.up = nn.ModuleList()
+        for lv in reversed(range(n_levels)):
+            level = Level()
+            for _ in range(nrb + 1):
+                level.res.append(res(c + skips.pop(), chs[lv]))
+                c = chs[lv]
+                if lv in cfg.attention_levels:
+                    level.attn.append(attn(c, lv))
+            if lv > 0:
+                level.sample = Upsample(c)
+            self.up.append(level)
+
+        self.norm_out = nn.GroupNorm(g, c0, eps=1e-5)
+        self.conv_out = nn.Conv2d(c0, cfg.out_channels or cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: Optional[torch.Tensor] = None,
+                ctx_mask: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, C, H, W), H and W divisible by 2^(levels-1); t (B,) int or float (or a scalar);
+        ctx (B, L, D) text tokens or None; ctx_mask (B, L) bool, True = real token; pooled (B, P)
+        -> (B, C_out, H, W)."""
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        temb = self.time_embed(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))  # (B, 4C)
+        if self.pooled_embed is not None and pooled is not None:
+            temb = temb + self.pooled_embed(pooled.to(temb.dtype))
+        temb = F.silu(temb)            # every ResBlock takes SiLU(temb), as diffusers' ResnetBlock2D
+
+        h = self.conv_in(x)
+        hs = [h]
+        for level in self.down:
+            for i, block in enumerate(level.res):
+                h = _run(block, h, temb)
+                if len(level.attn):
+                    h = _run(level.attn[i], h, ctx, ctx_mask)
+                hs.append(h)
+            if level.sample is not None:
+                h = level.sample(h)
+                hs.append(h)
+
+        for i, block in enumerate(self.mid.res):
+            h = _run(block, h, temb)
+            if i < len(self.mid.attn):
+                h = _run(self.mid.attn[i], h, ctx, ctx_mask)
+
+        for level in self.up:
+            for i, block in enumerate(level.res):
+                h = _run(block, torch.cat([h, hs.pop()], dim=1), temb)
+                if len(level.attn):
+                    h = _run(level.attn[i], h, ctx, ctx_mask)
+            if level.sample is not None:
+                h = level.sample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Applied from outside
+# ---------------------------------------------------------------------------------------------
+def apply_activation_checkpointing(unet: nn.Module, enabled: bool = True) -> nn.Module:
+    """Recompute every ResBlock and SpatialTransformer in backward (torch.utils.checkpoint,
+    use_reentrant=False). State-dict keys are unchanged; works under ZeRO-3 (the module call,
+    hooks included, is what is recomputed). Returns the module."""
+    for m in unet.modules():
+        if isinstance(m, _Block):
+            m.checkpointing = enabled
+    return unet
+
+
+def count_params(cfg: UNetConfig) -> int:
+    """Parameter count of UNet(cfg), built on the meta device (allocates nothing)."""
+    with torch.device("meta"):
+        model = UNet(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers key layout
+# ---------------------------------------------------------------------------------------------
+# (our regex, diffusers replacement), applied in order to each key; the inverse table below.
+_TO_DIFFUSERS = [
+    (r"^time_embed\.0\.", "time_embedding.linear_1."),
+    (r"^time_embed\.2\.", "time_embedding.linear_2."),
+    (r"^pooled_embed\.0\.", "class_embedding.linear_1."),
+    (r"^pooled_embed\.2\.", "class_embedding.linear_2."),
+    (r"^down\.(\d+)\.", r"down_blocks.\1."),
+    (r"^up\.(\d+)\.", r"up_blocks.\1."),
+    (r"^mid\.", "mid_block."),
+    (r"^norm_out\.", "conv_norm_out."),
+    (r"\.res\.(\d+)\.", r".resnets.\1."),
+    (r"\.attn\.(\d+)\.", r".attentions.\1."),
+    (r"^down_blocks\.(\d+)\.sample\.", r"down_blocks.\1.downsamplers.0."),
+    (r"^up_blocks\.(\d+)\.sample\.", r"up_blocks.\1.upsamplers.0."),
+    (r"\.time_proj\.", ".time_emb_proj."),
+    (r"\.skip\.", ".conv_shortcut."),
+    (r"\.blocks\.(\d+)\.", r".transformer_blocks.\1."),
+    (r"\.attn([12])\.q\.", r".attn\1.to_q."),
+    (r"\.attn([12])\.k\.", r".attn\1.to_k."),
+    (r"\.attn([12])\.v\.", r".attn\1.to_v."),
+    (r"\.attn([12])\.out\.", r".attn\1.to_out.0."),
+    (r"\.ff\.proj\.", ".ff.net.0.proj."),
+    (r"\.ff\.out\.", ".ff.net.2."),
+]
+_FROM_DIFFUSERS = [
+    (r"^time_embedding\.linear_1\.", "time_embed.0."),
+    (r"^time_embedding\.linear_2\.", "time_embed.2."),
+    (r"^class_embedding\.linear_1\.", "pooled_embed.0."),
+    (r"^class_embedding\.linear_2\.", "pooled_embed.2."),
+    (r"^down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.sample."),
+    (r"^up_blocks\.(\d+)\.upsamplers\.0\.", r"up.\1.sample."),
+    (r"^down_blocks\.(\d+)\.", r"down.\1."),
+    (r"^up_blocks\.(\d+)\.", r"up.\1."),
+    (r"^mid_block\.", "mid."),
+    (r"^conv_norm_out\.", "norm_out."),
+    (r"\.resnets\.(\d+)\.", r".res.\1."),
+    (r"\.attentions\.(\d+)\.", r".attn.\1."),
+    (r"\.time_emb_proj\.", ".time_proj."),
+    (r"\.conv_shortcut\.", ".skip."),
+    (r"\.transformer_blocks\.(\d+)\.", r".blocks.\1."),
+    (r"\.attn([12])\.to_q\.", r".attn\1.q."),
+    (r"\.attn([12])\.to_k\.", r".attn\1.k."),
+    (r"\.attn([12])\.to_v\.", r".attn\1.v."),
+    (r"\.attn([12])\.to_out\.0\.", r".attn\1.out."),
+    (r"\.ff\.net\.0\.proj\.", ".ff.proj."),
+    (r"\.ff\.net\.2\.", ".ff.out."),
+]
+
+
+def _rename(key: str, table) -> str:
+    for pat, rep in table:
+        key = re.sub(pat, rep, key)
+    return key
+
+
+def to_diffusers_state_dict(sd: dict) -> dict:
+    """Our state dict -> diffusers ``UNet2DConditionModel`` keys (same tensors, renamed).
+    Load it into ``UNet2DConditionModel(**diffusers_config(cfg))``."""
+    return {_rename(k, _TO_DIFFUSERS): v for k, v in sd.items()}
+
+
+def from_diffusers_state_dict(sd: dict) -> dict:
+    """diffusers ``UNet2DConditionModel`` state dict -> ours (e.g. to fine-tune SD2 weights)."""
+    return {_rename(k, _FROM_DIFFUSERS): v for k, v in sd.items()}
+
+
+def diffusers_config(cfg: UNetConfig) -> dict:
+    """The ``UNet2DConditionModel(**kwargs)`` equivalent to ``cfg`` (context_dim > 0; pooled text
+    maps to ``class_embed_type="projection"``, pass it as ``class_labels``). Note: with ctx=None
+    our cross-attention is skipped, diffusers' would self-attend instead."""
+    n = len(cfg.channel_mult)
+    att = set(cfg.attention_levels)
+    kw = dict(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels or cfg.in_channels,
+        block_out_channels=tuple(level_channels(cfg)), layers_per_block=cfg.num_res_blocks,
+        down_block_types=tuple("CrossAttnDownBlock2D" if lv in att else "DownBlock2D" for lv in range(n)),
+        up_block_types=tuple("CrossAttnUpBlock2D" if lv in att else "UpBlock2D" for lv in reversed(range(n))),
+        mid_block_type="UNetMidBlock2DCrossAttn" if cfg.mid_attention else "UNetMidBlock2D",
+        attention_head_dim=tuple(level_heads(cfg)),   # diffusers' legacy name: it is the head COUNT
+        cross_attention_dim=cfg.context_dim, transformer_layers_per_block=cfg.transformer_depth,
+        norm_num_groups=cfg.groups, norm_eps=1e-5, use_linear_projection=cfg.linear_projection,
+        flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, dropout=cfg.dropout,
+        resnet_time_scale_shift="scale_shift" if cfg.scale_shift else "default",
+    )
+    if cfg.pooled_dim > 0:
+        kw.update(class_embed_type="projection", projection_class_embeddings_input_dim=cfg.pooled_dim)
+    return kw
