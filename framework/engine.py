@@ -437,12 +437,15 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
         if not cfg.data.use_embeddings:
             encoder = TextEncoder(cfg.text, device=device)
             null = encoder.null(1)
+            _check_widths(cfg, encoder.dim, encoder.pooled_dim, f"text encoder {encoder.path}")
 
     # ---- 4. the trained network: inside zero.Init under ZeRO-3 (no rank holds all of it) --------
     if model_factory is None:
         from .unet import UNet
         model_factory = lambda: UNet(cfg.unet)   # noqa: E731
-    init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype) \
+    # dtype comes from ds_config (passing it hits a precedence bug that picks bf16 on CPU);
+    # mem_efficient_linear=False: don't monkey-patch F.linear globally (the encoder uses it too)
+    init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False) \
         if cfg.engine.zero_stage == 3 else contextlib.nullcontext()
     with init_ctx:
         model = model_factory()
@@ -457,7 +460,7 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
                                            config=ds_config)
     forward = torch.compile(engine) if cfg.engine.compile else engine
     ema = EMA(engine.module, zero3=cfg.engine.zero_stage == 3)
-    sched = D.Schedule.from_config(cfg.diffusion).to(device)
+    sched = D.Schedule.from_config(cfg.diffusion)
 
     # ---- 5. data ---------------------------------------------------------------------------------
     noise = NoiseStream(cfg.seed, rank, world, device)
@@ -592,6 +595,15 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
     result.update(step=step, images_seen=images)
     result["engine"], result["ema"] = engine, ema
     return result
+
+
+def _check_widths(cfg: Config, dim: int, pooled_dim: int, source: str) -> None:
+    if cfg.unet.context_dim != dim:
+        raise ConfigError(f"unet.context_dim={cfg.unet.context_dim} but the {source} gives {dim}-dim "
+                          f"tokens: set unet.context_dim={dim}")
+    if cfg.text.pooled and cfg.unet.pooled_dim != pooled_dim:
+        raise ConfigError(f"text.pooled is on: set unet.pooled_dim={pooled_dim} (the {source}'s width), "
+                          f"not {cfg.unet.pooled_dim}")
 
 
 def _condition(cfg: Config, batch: dict, encoder, null, u: torch.Tensor, device, dtype) -> dict:
