@@ -56,6 +56,7 @@ class DataConfig:
     resampled: bool = False
     max_bad_fraction: float = 0.05  # abort when more than this fraction of samples is bad
     bad_warn_every: int = 100       # rate limit of the bad-sample warning
+    bad_check_after: int = 100      # max_bad_fraction is enforced once this many samples were read
 
 
 @dataclass

@@ -1,0 +1,370 @@
+"""framework/data.py on real webdataset shards written to a tmp dir (tiny: 8x8 images)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from framework.config import DataConfig
+from framework.data import DataError, build_loader, expand_spec, iter_shard_samples
+from framework.shards import ShardWriter
+
+COUNTS = [12, 9, 15, 11, 12, 8, 14, 10, 13, 12]     # 10 shards, unequal, 116 samples
+
+
+def _png(rng, size=8, mode="L"):
+    arr = rng.integers(0, 256, (size, size) if mode == "L" else (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(arr, mode)
+
+
+def make_dataset(path, counts=COUNTS, prefix="d", size=8, seed=0, captions=None, bad=None):
+    """Shards with keys '{prefix}{shard:02d}x{i:03d}'; ``bad``: {key: kind} writes a bad sample."""
+    rng = np.random.default_rng(seed)
+    bad = bad or {}
+    w = ShardWriter(str(path), prefix=prefix, max_count=10_000)
+    for s, n in enumerate(counts):
+        for i in range(n):
+            key = f"{prefix}{s:02d}x{i:03d}"
+            cap = captions(key) if captions else f"caption of {key}"
+            kind = bad.get(key)
+            if kind == "undecodable":
+                w.write(key, (b"\x89PNG\r\n\x1a\n this is not a png", "png"), cap, {"label": i % 10})
+            elif kind == "no_caption":
+                w.write(key, _png(rng, size), None, {"label": i % 10})
+            elif kind == "empty":
+                w.write(key, (b"", "png"), cap, {"label": i % 10})
+            else:
+                w.write(key, _png(rng, size), cap, {"label": i % 10})
+        w.next_shard()
+    return w.close()
+
+
+def shard_of(key: str) -> int:
+    return int(key[1:3])
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds")
+    make_dataset(d)
+    return str(d)
+
+
+def cfg_for(urls, **kw) -> DataConfig:
+    base = dict(urls=urls if isinstance(urls, list) else [urls], image_size=8, channels=1,
+                shuffle_buffer=16, num_workers=0)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def keys_of(batches):
+    return [k for b in batches for k in b["key"]]
+
+
+# ---------------------------------------------------------------------------------------------
+def test_batch_format(ds):
+    L = build_loader(cfg_for(ds, num_workers=0), batch_size=4, rank=0, world_size=1, seed=0)
+    b = next(L)
+    assert b["image"].shape == (4, 1, 8, 8) and b["image"].dtype == torch.float32
+    assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+    assert b["label"].dtype == torch.int64 and b["label"].shape == (4,)
+    assert len(b["caption"]) == 4 and b["caption"][0] == f"caption of {b['key'][0]}"
+    assert set(b) == {"image", "caption", "key", "label"}
+    # 116 samples, one reader, batch 4 -> 29 steps, nothing dropped
+    assert L.steps_per_epoch == 29 and L.dropped_per_epoch == 0
+    # RGB conversion, a size change and the resize/crop path
+    L3 = build_loader(cfg_for(ds, channels=3, image_size=6, crop="random", random_flip=True), 4, 0, 1, 0)
+    assert next(L3)["image"].shape == (4, 3, 6, 6)
+
+
+def test_two_ranks_two_workers_disjoint_and_cover(ds):
+    """2 ranks x 2 workers: each reader gets its own shards, every shard is read by exactly one
+    reader, both ranks run the same number of steps; the only loss is the explicit equal-steps drop."""
+    B, R, W = 4, 2, 2
+    loaders = [build_loader(cfg_for(ds, num_workers=W), B, r, R, seed=3) for r in range(R)]
+    S = loaders[0].steps_per_epoch
+    assert S == loaders[1].steps_per_epoch and S % W == 0
+    for epoch in range(2):
+        assign = loaders[0].epoch_assignment(epoch)
+        assert assign == loaders[1].epoch_assignment(epoch)
+        shard_sets = [frozenset(v) for v in assign.values()]
+        all_urls = [sh.url for sh in expand_spec(ds)[0]]
+        assert sorted(u for s in shard_sets for u in s) == sorted(all_urls)   # disjoint and covering
+        seen_keys: list[str] = []
+        for r, L in enumerate(loaders):
+            batches = take(L, S)
+            for i, b in enumerate(batches):
+                w = i % W      # DataLoader round robin: step i of the epoch comes from worker i % W
+                got = {shard_of(k) for k in b["key"]}
+                want = {int(os.path.basename(u)[2:8]) for u in assign[(r, w)]}   # d-0000NN.tar
+                assert got <= want, (epoch, r, w, got, want)
+            seen_keys += keys_of(batches)
+        assert len(seen_keys) == len(set(seen_keys)) == S * B * R          # nobody read a sample twice
+        dropped = sum(COUNTS) - len(seen_keys)
+        assert dropped == loaders[0].dropped_per_epoch >= 0                  # the explicit drop
+        # the drop is the surplus over the smallest group: S/W batches per reader
+        groups = [sum(COUNTS[int(os.path.basename(u)[2:8])] for u in v) for v in assign.values()]
+        assert S // W == min(groups) // B
+        assert dropped == sum(g - (S // W) * B for g in groups)
+        assert all(L.epoch == epoch + 1 for L in loaders)
+    for L in loaders:
+        L.close()
+
+
+def _run(urls, steps, B, rank, R, W, seed=5, sd=None, **kw):
+    L = build_loader(cfg_for(urls, num_workers=W, **kw), B, rank, R, seed)
+    if sd is not None:
+        L.load_state_dict(json.loads(json.dumps(sd)))       # what a checkpoint round trip does
+    out = keys_of(take(L, steps))
+    st, stats = L.state_dict(), L.stats()
+    L.close()
+    return out, st, stats
+
+
+@pytest.fixture(scope="module")
+def ds_bad(tmp_path_factory):
+    """Like ds, plus a few bad samples (they must be skipped identically after a resume)."""
+    d = tmp_path_factory.mktemp("dsbad")
+    make_dataset(d, bad={"d01x003": "undecodable", "d04x000": "no_caption", "d07x009": "empty"})
+    return str(d)
+
+
+@pytest.mark.parametrize("W,R", [(0, 1), (2, 1), (0, 2), (2, 2)])
+def test_kill_and_resume_is_exact(ds_bad, W, R):
+    """Stop after k steps, restart from the state dict: the rest of the key sequence equals the
+    uninterrupted run's, on every rank, across the epoch boundary, with bad samples in the data."""
+    B = 3
+    L = build_loader(cfg_for(ds_bad, num_workers=W, max_bad_fraction=0.5), B, 0, R, 5)
+    S = L.steps_per_epoch
+    L.close()
+    total = 2 * S + 2                                    # into the third epoch
+    for rank in range(R):
+        ref, ref_sd, ref_stats = _run(ds_bad, total, B, rank, R, W, max_bad_fraction=0.5)
+        assert len(ref) == total * B
+        for k in (1, S - 1, S, S + 2):                   # early, just before/at/after the epoch end
+            head, sd, _ = _run(ds_bad, k, B, rank, R, W, max_bad_fraction=0.5)
+            assert head == ref[:k * B]
+            assert sd["step"] == k and sd["epoch"] == k // S
+            tail, sd2, stats2 = _run(ds_bad, total - k, B, rank, R, W, sd=sd, max_bad_fraction=0.5)
+            assert head + tail == ref, (rank, k)
+            assert sd2 == ref_sd and stats2 == ref_stats   # counters continue too
+        assert ref_stats["bad"] > 0 or R > 1
+
+
+def test_resume_from_epoch_only_and_start_epoch(ds):
+    B = 4
+    ref, _, _ = _run(ds, 40, B, 0, 1, 0)
+    S = 29
+    L = build_loader(cfg_for(ds), B, 0, 1, 5, epoch=1)
+    assert keys_of(take(L, 5)) == ref[S * B:(S + 5) * B]
+    L2 = build_loader(cfg_for(ds), B, 0, 1, 5)
+    L2.load_state_dict({"epoch": 1})                    # the trainer's "world size changed" fallback
+    assert keys_of(take(L2, 5)) == ref[S * B:(S + 5) * B]
+
+
+def test_state_from_other_setup_restarts_next_epoch(ds, caplog):
+    _, sd, _ = _run(ds, 3, 4, 0, 1, 0)
+    L = build_loader(cfg_for(ds), 2, 0, 1, 5)           # another batch size
+    with caplog.at_level(logging.WARNING, logger="framework.data"):
+        L.load_state_dict(sd)
+    assert "cannot resume exactly" in caplog.text
+    assert L.step == L.steps_per_epoch and L.epoch == 1
+
+
+def test_epochs_reshuffle_and_shuffle_is_seeded(ds):
+    a, _, _ = _run(ds, 58, 4, 0, 1, 0)
+    b, _, _ = _run(ds, 58, 4, 0, 1, 0)
+    c, _, _ = _run(ds, 58, 4, 0, 1, 0, seed=6)
+    assert a == b and a != c
+    e0, e1 = a[:116], a[116:]
+    assert sorted(e0) == sorted(e1) and e0 != e1         # every sample once per epoch, new order
+    ordered, _, _ = _run(ds, 29, 4, 0, 1, 0, shuffle_buffer=0, shardshuffle=False)
+    assert ordered == sorted(ordered)                   # no shuffle: the written order
+
+
+# ---------------------------------------------------------------------------------------------
+# bad samples and broken shards
+# ---------------------------------------------------------------------------------------------
+def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
+    bad = {"d00x001": "undecodable", "d02x004": "no_caption", "d03x002": "empty"}
+    make_dataset(tmp_path, bad=bad)
+    # a corrupt tar member: cut shard 5 (8 samples) in the middle of a member
+    p = tmp_path / "d-000005.tar"
+    data = p.read_bytes()
+    p.write_bytes(data[:len(data) // 2 + 700])
+    n_ok = len(list(iter_shard_samples(str(p))))
+    assert 0 < n_ok < 8
+    cfg = cfg_for(str(tmp_path), max_bad_fraction=0.5, bad_check_after=10, bad_warn_every=1)
+    L = build_loader(cfg, 4, 0, 1, 0)
+    with caplog.at_level(logging.WARNING, logger="framework.data"):
+        keys = keys_of(take(L, L.steps_per_epoch))
+    st = L.stats()
+    assert st["bad_decode"] == 1 and st["bad_no_caption"] == 1 and st["bad_empty_file"] == 1
+    assert st["bad_corrupt_tar"] == 8 - n_ok
+    assert not set(bad) & set(keys)
+    assert "d00x001" in caplog.text and "d-000000.tar" in caplog.text      # names shard and key
+    assert "d-000005.tar" in caplog.text
+    # the run continues into the next epoch with the same skips
+    more = keys_of(take(L, L.steps_per_epoch))
+    assert not set(bad) & set(more)
+    assert L.stats()["bad"] == 2 * st["bad"]
+
+
+def test_too_many_bad_samples_abort(tmp_path):
+    bad = {f"d{s:02d}x{i:03d}": "undecodable" for s in range(10) for i in range(3)}
+    make_dataset(tmp_path, bad=bad)
+    for W in (0, 2):
+        L = build_loader(cfg_for(str(tmp_path), num_workers=W, max_bad_fraction=0.1, bad_check_after=20),
+                         4, 0, 1, 0)
+        with pytest.raises(DataError, match=r"max_bad_fraction=0.1.*decode"):
+            take(L, L.steps_per_epoch)
+        L.close()
+
+
+def test_missing_shard_is_an_error_naming_it(ds, tmp_path):
+    with pytest.raises(DataError, match=r"33 of 43 shards missing: \S*d-000010.tar"):
+        build_loader(cfg_for(os.path.join(ds, "d-{000000..000042}.tar")), 4, 0, 1, 0)
+    # a shard that disappears after the loader was built
+    d = tmp_path / "copy"
+    shutil.copytree(ds, d)
+    L = build_loader(cfg_for(str(d), shardshuffle=False), 4, 0, 1, 0)
+    os.remove(d / "d-000000.tar")
+    with pytest.raises(DataError, match="d-000000.tar"):
+        next(L)
+    # a shard that is not a tar at all
+    (d / "d-000000.tar").write_bytes(b"garbage" * 100)
+    L = build_loader(cfg_for(str(d), shardshuffle=False), 4, 0, 1, 0)
+    with pytest.raises(DataError, match="d-000000.tar"):
+        next(L)
+
+
+def test_pipe_urls_need_allow_pipe(ds):
+    url = "pipe:cat " + os.path.join(ds, "d-{000000..000009}.tar")
+    with pytest.raises(ValueError, match="allow_pipe"):
+        build_loader(cfg_for(url), 4, 0, 1, 0)
+    # allowed: counts are unknown for a pipe, so the epoch is given in samples
+    L = build_loader(cfg_for(url, allow_pipe=True, samples_per_epoch=40), 4, 0, 1, 0)
+    assert L.steps_per_epoch == 10
+    keys = keys_of(take(L, 10))
+    assert len(set(keys)) == 40
+    with pytest.raises(DataError, match="samples_per_epoch"):
+        build_loader(cfg_for(url, allow_pipe=True), 4, 0, 1, 0)
+
+
+def test_http_urls(ds):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=ds)
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        base = f"http://127.0.0.1:{srv.server_port}"
+        # the manifest over http gives the counts
+        L = build_loader(cfg_for(f"{base}/shards.json", shardshuffle=False, shuffle_buffer=0), 4, 0, 1, 0)
+        assert L.steps_per_epoch == 29
+        assert keys_of(take(L, 3))[:4] == ["d00x000", "d00x001", "d00x002", "d00x003"]
+        L2 = build_loader(cfg_for(f"{base}/d-{{000000..000009}}.tar", samples_per_epoch=16), 4, 0, 1, 0)
+        assert len(keys_of(take(L2, 4))) == 16
+    finally:
+        srv.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# several datasets, resampling, npy arrays, captions
+# ---------------------------------------------------------------------------------------------
+def test_mixing_weights(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_dataset(a, counts=[40, 40], prefix="a")
+    make_dataset(b, counts=[30, 30], prefix="b")
+    cfg = cfg_for([str(a), str(b)], weights=[3.0, 1.0], samples_per_epoch=800)
+    L = build_loader(cfg, 8, 0, 1, 0)
+    assert L.steps_per_epoch == 100
+    keys = keys_of(take(L, 100))
+    frac_a = sum(k.startswith("a") for k in keys) / len(keys)
+    assert abs(frac_a - 0.75) < 0.04, frac_a
+    # deterministic, and a resumed mixed stream continues exactly
+    ref, _, _ = _run([str(a), str(b)], 30, 8, 0, 1, 2, weights=[3.0, 1.0], samples_per_epoch=160)
+    head, sd, _ = _run([str(a), str(b)], 13, 8, 0, 1, 2, weights=[3.0, 1.0], samples_per_epoch=160)
+    tail, _, _ = _run([str(a), str(b)], 17, 8, 0, 1, 2, sd=sd, weights=[3.0, 1.0], samples_per_epoch=160)
+    assert head + tail == ref
+    with pytest.raises(ValueError, match="weights"):
+        build_loader(cfg_for([str(a), str(b)], weights=[1.0]), 8, 0, 1, 0)
+
+
+def test_resampled_epochs_by_count_and_resume(ds):
+    kw = dict(resampled=True, samples_per_epoch=64)
+    with pytest.raises(DataError, match="samples_per_epoch"):
+        build_loader(cfg_for(ds, resampled=True), 4, 0, 1, 0)
+    L = build_loader(cfg_for(ds, num_workers=2, **kw), 4, 1, 2, 0)
+    assert L.steps_per_epoch == 64 // (2 * 4)
+    ref, _, _ = _run(ds, 20, 4, 1, 2, 2, **kw)
+    head, sd, _ = _run(ds, 7, 4, 1, 2, 2, **kw)
+    tail, _, _ = _run(ds, 13, 4, 1, 2, 2, sd=sd, **kw)
+    assert head + tail == ref
+
+
+def test_samples_per_epoch_with_fewer_samples_repeats(ds):
+    L = build_loader(cfg_for(ds, samples_per_epoch=200), 4, 0, 1, 0)
+    assert L.steps_per_epoch == 50
+    keys = keys_of(take(L, 50))
+    assert set(keys) == {f"d{s:02d}x{i:03d}" for s, n in enumerate(COUNTS) for i in range(n)}
+    assert L.stats()["repeated"] == 200 - 116
+    assert sorted(keys[:116]) == sorted(set(keys))       # pass 2 starts after every sample was seen
+
+
+def test_npy_arrays_read_as_is_with_shape_check(tmp_path):
+    w = ShardWriter(str(tmp_path), prefix="z", max_count=6)
+    rng = np.random.default_rng(0)
+    arrs = {}
+    for i in range(12):
+        a = rng.standard_normal((4, 2, 2)).astype(np.float16 if i % 2 else np.float32) * 3
+        if i == 5:
+            a = np.zeros((4, 3, 3), np.float32)       # wrong shape
+        arrs[f"z{i:03d}"] = a
+        w.write(f"z{i:03d}", a, f"latent {i}")
+    w.close()
+    cfg = cfg_for(str(tmp_path), channels=4, image_size=2, shuffle_buffer=0, shardshuffle=False,
+                  max_bad_fraction=0.5)
+    L = build_loader(cfg, 5, 0, 1, 0)
+    b = next(L)
+    assert b["image"].shape == (5, 4, 2, 2) and b["image"].dtype == torch.float32
+    for k, x in zip(b["key"], b["image"]):
+        np.testing.assert_allclose(x.numpy(), arrs[k].astype(np.float32))    # no resize, no rescale
+    next(L)
+    assert L.stats()["bad_shape"] == 1
+
+
+def test_caption_choice_is_seeded_per_sample_and_epoch(tmp_path):
+    make_dataset(tmp_path, counts=[8, 8], captions=lambda k: ["one " + k, "two " + k, "three " + k])
+    a, _, _ = _run(str(tmp_path), 8, 4, 0, 1, 0, shuffle_buffer=0, shardshuffle=False)
+    L = build_loader(cfg_for(str(tmp_path), shuffle_buffer=0, shardshuffle=False), 4, 0, 1, 5)
+    caps = [c for b in take(L, 8) for c in b["caption"]]
+    first = {c.split()[1]: c.split()[0] for c in caps[:16]}
+    second = {c.split()[1]: c.split()[0] for c in caps[16:]}
+    assert set(first.values()) == {"one", "two", "three"}
+    assert first != second                               # a new choice in the next epoch
+    L2 = build_loader(cfg_for(str(tmp_path), shuffle_buffer=0, shardshuffle=False), 4, 0, 1, 5)
+    assert [c for b in take(L2, 8) for c in b["caption"]] == caps
+
+
+def test_too_few_shards_for_readers_is_a_clear_error(ds):
+    with pytest.raises(DataError, match="10 shards for 4 ranks x 3 workers"):
+        build_loader(cfg_for(ds, num_workers=3), 4, 0, 4, 0)
+    with pytest.raises(ValueError, match="rank"):
+        build_loader(cfg_for(ds), 4, 2, 2, 0)
