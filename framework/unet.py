@@ -52,6 +52,26 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim - 2 * half))                          # odd dim: one zero column
 
 
+class _ZeroInit:
+    """Parameters start at zero, set in the layer's OWN ``reset_parameters``: so the zero init also
+    holds under ZeRO-3 ``zero.Init`` (which partitions a layer as soon as its own __init__ returns; a
+    parent's later ``zeros_`` would touch an empty placeholder) and after a meta-device build
+    + ``to_empty()`` + ``reset_parameters()``."""
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class ZeroConv2d(_ZeroInit, nn.Conv2d):
+    pass
+
+
+class ZeroLinear(_ZeroInit, nn.Linear):
+    pass
+
+
 class _Block(nn.Module):
     """A unit that ``apply_activation_checkpointing`` may wrap (ResBlock, SpatialTransformer)."""
     checkpointing: bool = False
@@ -77,10 +97,8 @@ class ResBlock(_Block):
         self.time_proj = nn.Linear(temb_dim, cout * (2 if scale_shift else 1))
         self.norm2 = nn.GroupNorm(groups, cout, eps=1e-5)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = ZeroConv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # x (B, Cin, H, W); temb (B, temb_dim), already through SiLU
@@ -165,12 +183,9 @@ class SpatialTransformer(_Block):
             raise ValueError(f"attention: {channels} channels do not split into {heads} heads")
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
-        self.proj_in = proj()
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
-        self.proj_out = proj()
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        self.proj_out = ZeroLinear(channels, channels) if linear else ZeroConv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, ctx: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -294,9 +309,7 @@ class UNet(nn.Module):
             self.up.append(level)
 
         self.norm_out = nn.GroupNorm(g, c0, eps=1e-5)
-        self.conv_out = nn.Conv2d(c0, cfg.out_channels or cfg.in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.conv_out = ZeroConv2d(c0, cfg.out_channels or cfg.in_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: Optional[torch.Tensor] = None,
                 ctx_mask: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:

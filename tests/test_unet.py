@@ -92,6 +92,24 @@ def test_large_presets_on_meta(name, hw):
         assert 100e6 < n < 300e6
 
 
+def test_zero_init_lives_in_reset_parameters():
+    """Zero-init layers init themselves: kept under ZeRO-3 zero.Init (which partitions each layer when
+    its own __init__ returns) and after meta build + to_empty() + reset_parameters()."""
+    cfg = small_cfg()
+    with torch.device("meta"):
+        m = UNet(cfg)
+    m.to_empty(device="cpu")
+    for mod in m.modules():
+        if hasattr(mod, "reset_parameters"):
+            mod.reset_parameters()
+    zero = [n for n, p in m.named_parameters() if not p.any()]
+    assert "conv_out.weight" in zero and "down.0.res.0.conv2.weight" in zero
+    assert "down.0.attn.0.proj_out.weight" in zero and "mid.attn.0.proj_out.bias" in zero
+    assert "conv_in.weight" not in zero
+    x, t, kw = inputs(cfg)
+    assert torch.equal(m(x, t, **kw), torch.zeros_like(x))
+
+
 # ---------------------------------------------------------------------------------------------
 # Masking and conditioning
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +212,7 @@ def test_channels_last_same_output():
 def test_compiles_without_graph_breaks():
     """torch.compile-friendly: one graph (fullgraph) through dynamo; the eager backend keeps it fast."""
     torch._dynamo.reset()
-    cfg = small_cfg(num_res_blocks=1, transformer_depth=1)
+    cfg = small_cfg(num_res_blocks=1, transformer_depth=1, channel_mult=[1, 2], attention_levels=[1])
     m = perturb(UNet(cfg)).eval()
     x, t, kw = inputs(cfg)
     compiled = torch.compile(m, backend="eager", fullgraph=True, dynamic=False)
