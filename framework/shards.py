@@ -54,7 +54,7 @@ MANIFEST = "shards.json"
 FORMAT = "framework-shards/1"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_MTIME = 1_700_000_000.0       # fixed member mtime: the same input writes the same bytes
+_MTIME = 1_700_000_000        # fixed integer member mtime: same input, same bytes, no pax headers
 
 
 def slug(text: str) -> str:
