@@ -339,6 +339,20 @@ class _StopFlag:
             signal.signal(sig, h)
 
 
+def memory_stats(engine, zero3: bool) -> dict:
+    """Elements this rank holds: parameters (its ZeRO-3 partitions, or full copies) and optimizer
+    state (Adam's moments over its partition). Measured from the tensors, not from a formula."""
+    params = list(engine.module.parameters())
+    total = sum(p.ds_numel if zero3 else p.numel() for p in params)
+    local = sum(p.ds_tensor.numel() if zero3 else p.numel() for p in params)
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    optim_local = sum(v.numel() for st in opt.state.values() for v in st.values()
+                      if torch.is_tensor(v) and v.ndim > 0)
+    return {"memory/params_total": total, "memory/params_local": local, "memory/optim_local": optim_local}
+
+
 def _checkpoint_meta(cfg: Config, denv, step: int, images: int, ema: Optional[EMA]) -> dict:
     return {"world_size": denv.world_size, "zero_stage": cfg.engine.zero_stage, "step": step,
             "images_seen": images, "task": cfg.task, **(ema.meta() if ema else {})}
@@ -502,6 +516,7 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
     result = TrainResult(step=step, images_seen=images, losses=[], stopped_by_signal=False,
                          checkpoint=None, nonfinite_skipped=0)
     nonfinite_run, last_ckpt_step = 0, step
+    memory_logged = False
     t_last, img_last = time.perf_counter(), images
 
     def rank_state() -> dict:
@@ -566,6 +581,9 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
                 now = time.perf_counter()
                 metrics = {"loss": loss_val, "lr": lr_sched.get_last_lr()[0], "images_seen": images,
                            "images_per_s": (images - img_last) / max(1e-9, now - t_last)}
+                if not memory_logged:   # once, after the first step created the optimizer state
+                    metrics.update(memory_stats(engine, cfg.engine.zero_stage == 3))
+                    memory_logged = True
                 if loader is not None and hasattr(loader, "stats"):
                     metrics.update({f"data/{k}": v for k, v in loader.stats().items()
                                     if isinstance(v, (int, float))})
