@@ -236,3 +236,38 @@ def test_text_conditions_unet_and_grads_stop_at_encoder(tiny):
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters())
     assert all(p.grad is None for p in tiny.model.parameters())
+
+
+def test_t5_model_type_selects_encoder_only(tmp_path):
+    """No T5 weights or sentencepiece files ship offline: a tiny random T5 with the BERT tokenizer
+    checks that kind=auto picks T5EncoderModel (AutoModel would build the decoder too)."""
+    import shutil
+    from transformers import T5Config, T5EncoderModel
+    path = str(tmp_path / "t5")
+    src = resolve_encoder("minilm-l6")
+    os.makedirs(path)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(src, f), path)
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=30522, d_model=32, d_ff=64, d_kv=16, num_layers=2,
+                            num_heads=2)).save_pretrained(path)
+    enc = TextEncoder(TextConfig(encoder=path, max_length=10, pooled=True, cache_size=0))
+    assert type(enc.model).__name__ == "T5EncoderModel" and enc.dim == 32
+    c = enc.encode(["a photo of a cat"])
+    assert c.ctx.shape == (1, 10, 32) and c.pooled.shape == (1, 32)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_encoder_and_unet(tiny_path):
+    from framework.unet import UNet
+    enc = TextEncoder(TextConfig(encoder=tiny_path, max_length=16), device="cuda")
+    assert enc.model.dtype == torch.bfloat16
+    c = enc.encode(["a photo of a cat", "a red truck"])
+    assert c.ctx.dtype == torch.float32 and c.ctx.device.type == "cuda"
+    unet = UNet(UNetConfig(channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[0, 1],
+                           head_dim=16, context_dim=enc.dim)).cuda().to(torch.bfloat16)
+    unet.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16, device="cuda", dtype=torch.bfloat16)
+    out = unet(x, torch.tensor([1, 2], device="cuda"), **c.as_kwargs())
+    out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
