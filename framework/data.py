@@ -386,12 +386,10 @@ def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tupl
 
 
 def _collate(items: list[dict]) -> dict:
-    imgs = [it["image"] for it in items]
-    if all(a.dtype == np.uint8 for a in imgs):
-        image = torch.from_numpy(np.stack(imgs)).float().div_(127.5).sub_(1.0)   # (B,C,H,W) in [-1,1]
-    else:
-        image = torch.from_numpy(np.stack([a.astype(np.float32) if a.dtype != np.uint8
-                                           else a.astype(np.float32) / 127.5 - 1 for a in imgs]))
+    # uint8 images -> [-1, 1]; npy arrays as they are. numpy, not torch: no intra-op thread pool here
+    imgs = [a.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0) if a.dtype == np.uint8
+            else a.astype(np.float32, copy=False) for a in (it["image"] for it in items)]
+    image = torch.from_numpy(np.stack(imgs))                                    # (B,C,H,W)
     batch = {"image": image, "caption": [it["caption"] for it in items], "key": [it["key"] for it in items],
              "label": torch.tensor([it["label"] for it in items], dtype=torch.int64)}
     if "ctx" in items[0]:

@@ -368,3 +368,16 @@ def test_too_few_shards_for_readers_is_a_clear_error(ds):
         build_loader(cfg_for(ds, num_workers=3), 4, 0, 4, 0)
     with pytest.raises(ValueError, match="rank"):
         build_loader(cfg_for(ds), 4, 2, 2, 0)
+
+
+def test_bench_tool_smoke(tmp_path, capsys):
+    from tools import bench_data
+
+    res = bench_data.main(["--n-fmnist", "64", "--n-jpeg", "16", "--seconds", "0.05", "--workers", "0",
+                           "--batch", "8", "--tmp", str(tmp_path)])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines == res
+    kinds = {(r.get("dataset"), r["what"], r.get("image_size")) for r in res}
+    assert ("fmnist-28px-png", "bare_pil_decode", None) in kinds
+    assert ("synthetic-256px-jpeg", "pipeline_decode_augment_batch", 256) in kinds
+    assert all(r["samples_per_s"] > 0 for r in res if "samples_per_s" in r)

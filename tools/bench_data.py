@@ -1,0 +1,150 @@
+"""Data pipeline throughput: decode+augment+batch from local shards vs the bare PIL decode rate of
+the same images. Prints JSON lines.
+
+    python -m tools.bench_data                       # both datasets, workers 0 and 2
+    python -m tools.bench_data --which jpeg --workers 0 1 2 --seconds 10
+
+Datasets (written to a temp dir): Fashion-MNIST 28x28 PNG read at 32x32 (grayscale), and 512
+synthetic 256x256 photo-like JPEGs (q90) read at 256 (RGB, random crop+flip) and at 64 (where
+libjpeg's draft mode decodes at reduced scale). ``samples_per_s_per_worker`` divides by the number
+of worker processes (1 for num_workers=0, which decodes in the main process).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+
+def _fmnist_images(n: int) -> list[Image.Image]:
+    from framework.shards import fashion_mnist_source
+    try:
+        src = fashion_mnist_source("train")
+        return [src.load(i)["image"] for i in range(min(n, len(src)))]
+    except FileNotFoundError:            # no Debian package: random 28x28 blobs stand in
+        rng = np.random.default_rng(0)
+        return [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), "L") for _ in range(n)]
+
+
+def _photo_like(rng: np.random.Generator, base: Optional[Image.Image], size: int = 256) -> Image.Image:
+    """Smooth colour gradients + an upsampled object + mild noise: JPEG-compresses like a photo."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1, c2 = rng.uniform(0, 255, (3, 3))
+    img = (c0[None, None] * (1 - yy[..., None]) + c1[None, None] * yy[..., None]) * (1 - xx[..., None]) \
+        + c2[None, None] * xx[..., None]
+    if base is not None:
+        obj = np.asarray(base.convert("L").resize((size, size), Image.BICUBIC), np.float32)[..., None] / 255
+        tint = rng.uniform(0, 255, 3)
+        img = img * (1 - obj) + tint * obj
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_datasets(tmp: str, n_fmnist: int, n_jpeg: int) -> dict[str, str]:
+    from framework.shards import ShardWriter
+
+    out = {}
+    fm = _fmnist_images(max(n_fmnist, n_jpeg))
+    w = ShardWriter(os.path.join(tmp, "fmnist"), prefix="fm", max_count=max(1, n_fmnist // 8))
+    for i in range(n_fmnist):
+        w.write(f"fm{i:06d}", fm[i], "a photo of a thing", {"label": i % 10})
+    w.close()
+    out["fmnist"] = os.path.join(tmp, "fmnist")
+    rng = np.random.default_rng(0)
+    w = ShardWriter(os.path.join(tmp, "jpeg"), prefix="jp", max_count=max(1, n_jpeg // 8), image_format="jpg")
+    for i in range(n_jpeg):
+        w.write(f"jp{i:06d}", _photo_like(rng, fm[i]), "a photo of a thing")
+    w.close()
+    out["jpeg"] = os.path.join(tmp, "jpeg")
+    return out
+
+
+def bare_decode_rate(path: str, seconds: float) -> dict:
+    """PIL decode only (Image.open + load), bytes already in memory, one process."""
+    from framework.data import expand_spec, iter_shard_samples
+
+    shards, _ = expand_spec(path)
+    t0 = time.perf_counter()
+    blobs = [s.get("png") or s.get("jpg") for sh in shards for s in iter_shard_samples(sh.url)]
+    read_s = time.perf_counter() - t0
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n < len(blobs):
+        im = Image.open(io.BytesIO(blobs[n % len(blobs)]))
+        im.load()
+        n += 1
+        if n >= 4 * len(blobs):
+            break
+    dt = time.perf_counter() - t0
+    return {"samples_per_s": round(n / dt, 1), "tar_read_samples_per_s": round(len(blobs) / read_s, 1),
+            "samples": n, "image": f"{im.width}x{im.height} {im.mode}",
+            "mean_bytes": int(np.mean([len(b) for b in blobs]))}
+
+
+def pipeline_rate(path: str, image_size: int, channels: int, workers: int, batch: int, seconds: float,
+                  crop: str = "center", flip: bool = False) -> dict:
+    from framework.config import DataConfig
+    from framework.data import build_loader
+
+    cfg = DataConfig(urls=[path], image_size=image_size, channels=channels, num_workers=workers,
+                     crop=crop, random_flip=flip, shuffle_buffer=256)
+    L = build_loader(cfg, batch, 0, 1, 0)
+    next(L)                                   # start-up (worker processes, first shard) not timed
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += next(L)["image"].shape[0]
+    dt = time.perf_counter() - t0
+    L.close()
+    procs = max(1, workers)
+    return {"samples_per_s": round(n / dt, 1), "samples_per_s_per_worker": round(n / dt / procs, 1),
+            "samples": n}
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--which", choices=["all", "fmnist", "jpeg"], default="all")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    p.add_argument("--n-fmnist", type=int, default=10_000)
+    p.add_argument("--n-jpeg", type=int, default=512)
+    p.add_argument("--tmp", default=None, help="where to write the shards (default: a temp dir)")
+    args = p.parse_args(argv)
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    results = []
+
+    def emit(rec: dict) -> None:
+        rec = {**rec, "machine": machine}
+        results.append(rec)
+        print(json.dumps(rec), flush=True)
+
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        t0 = time.perf_counter()
+        paths = write_datasets(tmp, args.n_fmnist if args.which != "jpeg" else 8,
+                               args.n_jpeg if args.which != "fmnist" else 8)
+        emit({"what": "write_shards", "seconds": round(time.perf_counter() - t0, 2)})
+        runs = []
+        if args.which in ("all", "fmnist"):
+            runs.append(("fmnist-28px-png", paths["fmnist"], [(32, 1, "center", False)]))
+        if args.which in ("all", "jpeg"):
+            runs.append(("synthetic-256px-jpeg", paths["jpeg"], [(256, 3, "random", True), (64, 3, "center", False)]))
+        for name, path, variants in runs:
+            emit({"dataset": name, "what": "bare_pil_decode", **bare_decode_rate(path, args.seconds)})
+            for size, ch, crop, flip in variants:
+                for w in args.workers:
+                    emit({"dataset": name, "what": "pipeline_decode_augment_batch", "image_size": size,
+                          "channels": ch, "crop": crop, "flip": flip, "num_workers": w, "batch": args.batch,
+                          **pipeline_rate(path, size, ch, w, args.batch, args.seconds, crop, flip)})
+    return results
+
+
+if __name__ == "__main__":
+    main()
