@@ -136,6 +136,7 @@ class Attention(nn.Module):
         else:
             # masked keys get -inf. A row with no valid key would be NaN: it attends to all its keys
             # instead and its result is then zeroed, i.e. an all-masked context contributes nothing.
+            mask = mask.bool()                                                   # 0/1 ints work too
             valid = mask.any(dim=-1)                                             # (B,)
             keep = (mask | ~valid[:, None])[:, None, None, :]                    # (B, 1, 1, L)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)

@@ -15,6 +15,16 @@ PRESETS = os.path.join(ROOT, "configs", "unet")
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on shared CPUs spinning OpenMP threads
+    slow these tests several-fold."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def preset(name: str) -> UNetConfig:
     return load_config(os.path.join(PRESETS, f"{name}.yaml")).unet
 
@@ -129,9 +139,10 @@ def test_padding_invariance_and_mask_semantics():
         ctx3 = kw["ctx"].clone()
         ctx3[0, 4:] = 7.0
         torch.testing.assert_close(m(x, t, **dict(kw, ctx=ctx3)), ref, atol=1e-5, rtol=0)
-        # mask None == all True
+        # mask None == all True; a 0/1 integer mask == the bool one
         ones = torch.ones(2, 7, dtype=torch.bool)
         torch.testing.assert_close(m(x, t, **dict(kw, ctx_mask=None)), m(x, t, **dict(kw, ctx_mask=ones)))
+        torch.testing.assert_close(m(x, t, **dict(kw, ctx_mask=kw["ctx_mask"].long())), ref)
         # an all-masked row is finite and independent of its (masked) tokens
         none = kw["ctx_mask"].clone()
         none[1] = False
