@@ -455,8 +455,7 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
 
     # ---- 4. the trained network: inside zero.Init under ZeRO-3 (no rank holds all of it) --------
     if model_factory is None:
-        from .unet import UNet
-        model_factory = lambda: UNet(cfg.unet)   # noqa: E731
+        model_factory = build_model_factory(cfg)
     # dtype comes from ds_config (passing it hits a precedence bug that picks bf16 on CPU);
     # mem_efficient_linear=False: don't monkey-patch F.linear globally (the encoder uses it too)
     init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False) \
@@ -540,9 +539,14 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
                 if cfg.engine.channels_last:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
                 out = forward(x_t.to(dtype), t, **cond_kwargs).float()
-                # -- L_simple per sample (or the configured prediction / weighting), mean
-                per_sample = D.training_loss(sched, out, x0, t, eps, prediction=cfg.diffusion.prediction,
-                                             min_snr_gamma=cfg.diffusion.min_snr_gamma)
+                if cfg.task == "classifier":
+                    # -- noisy classifier p(y | x_t, t): cross-entropy on the noised image
+                    per_sample = torch.nn.functional.cross_entropy(
+                        out, batch["label"].to(device), reduction="none")
+                else:
+                    # -- L_simple per sample (or the configured prediction / weighting), mean
+                    per_sample = D.training_loss(sched, out, x0, t, eps, prediction=cfg.diffusion.prediction,
+                                                 min_snr_gamma=cfg.diffusion.min_snr_gamma)
                 loss = per_sample.mean()
                 # -- agree across ranks: loss for the log, non-finite, stop signal
                 flags = torch.tensor([loss.detach().float().item(), float(not torch.isfinite(loss)),
@@ -613,6 +617,15 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
     result.update(step=step, images_seen=images)
     result["engine"], result["ema"] = engine, ema
     return result
+
+
+def build_model_factory(cfg: Config) -> Callable[[], torch.nn.Module]:
+    """The trained network for cfg.task (called inside zero.Init under ZeRO-3)."""
+    if cfg.task == "classifier":
+        from .classifier import NoisyClassifier
+        return lambda: NoisyClassifier(cfg.unet, cfg.classifier)
+    from .unet import UNet
+    return lambda: UNet(cfg.unet)
 
 
 def _check_widths(cfg: Config, dim: int, pooled_dim: int, source: str) -> None:
