@@ -277,6 +277,8 @@ class TextEncoder:
         With cfg.cache_size > 0 an LRU cache returns the stored rows of captions seen before
         (equal to fresh encoding where the encoder's kernels are batch-invariant, as on CPU)."""
         texts = [str(s) for s in texts]
+        if not texts:
+            raise ValueError("TextEncoder.encode: no captions")
         if self.cfg.cache_size <= 0:
             return self._finish(*self._encode_raw(texts), dtype)
         cache = self._cache
