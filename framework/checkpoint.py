@@ -23,12 +23,14 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from typing import Any, Optional
 
 __all__ = ["TAG_RE", "tag_for", "tmp_tag_for", "ckpt_dir", "finalize", "validate", "complete_tags",
            "find_resume", "read_meta", "update_latest", "prune", "atomic_write_text", "rank_file",
-           "ema_file"]
+           "ema_file", "convert_to_universal"]
 
 TAG_RE = re.compile(r"^step(\d{8,})$")
 MANIFEST = "complete.json"
@@ -167,6 +169,7 @@ def prune(directory: str, keep_last: int, keep_every: int = 0) -> list[str]:
     for t in tags:
         if t not in keep:
             shutil.rmtree(os.path.join(directory, t), ignore_errors=True)
+            shutil.rmtree(os.path.join(directory, t + "_universal"), ignore_errors=True)
             removed.append(t)
     newest = int(TAG_RE.match(tags[-1]).group(1)) if tags else -1
     for t in os.listdir(directory) if os.path.isdir(directory) else []:
@@ -175,3 +178,22 @@ def prune(directory: str, keep_last: int, keep_every: int = 0) -> list[str]:
             shutil.rmtree(os.path.join(directory, t), ignore_errors=True)
             removed.append(t)
     return removed
+
+
+def convert_to_universal(tag_dir: str, zero_stage: int) -> str:
+    """DeepSpeed's universal checkpoint of ``tag_dir`` (cached next to it): loads on any world size."""
+    out = tag_dir.rstrip("/") + "_universal"
+    if os.path.isfile(os.path.join(out, "converted.ok")):
+        return out
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
+           "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    if zero_stage < 3:
+        cmd.append("--inject_missing_state")
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"universal conversion of {tag_dir} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    atomic_write_text(os.path.join(out, "converted.ok"), "ok\n")
+    return out

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -384,25 +383,6 @@ def save_checkpoint(engine, cfg: Config, denv, step: int, images: int, ema: Opti
     return final
 
 
-def convert_to_universal(tag_dir: str, zero_stage: int) -> str:
-    """DeepSpeed's universal checkpoint of ``tag_dir`` (cached next to it): loads on any world size."""
-    out = tag_dir.rstrip("/") + "_universal"
-    if os.path.isfile(os.path.join(out, "converted.ok")):
-        return out
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
-           "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    if zero_stage < 3:
-        cmd.append("--inject_missing_state")
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(f"universal conversion of {tag_dir} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    ckpt.atomic_write_text(os.path.join(out, "converted.ok"), "ok\n")
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +417,7 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
         if rank == 0:
             print0(f"resuming {resume_dir} (world size {resume_meta['world_size']}) on {world} ranks "
                    f"through a universal checkpoint")
-            convert_to_universal(resume_dir, resume_meta["zero_stage"])
+            ckpt.convert_to_universal(resume_dir, resume_meta["zero_stage"])
         dist.barrier()
         load_dir = resume_dir.rstrip("/") + "_universal"
     ds_config = build_ds_config(cfg, world, device_kind, load_universal=reshard)
