@@ -142,7 +142,9 @@ def test_kill_resume_is_bit_exact_and_truncated_checkpoint_is_skipped(assets, tm
 def test_sigterm_to_one_rank_checkpoints_and_exits_zero(assets, tmp_path):
     import psutil
     d = tmp_path / "term"
-    p = start(assets, d, 2, ["engine.zero_stage=3", "engine.steps=200", "checkpoint.every=0"])
+    # also: sample grids during training under ZeRO-3 (EMA partitions swapped in on every rank)
+    p = start(assets, d, 2, ["engine.zero_stage=3", "engine.steps=200", "checkpoint.every=0",
+                             "engine.sample_every=1", "sample.steps=2", "sample.prompts=['a bag','a coat']"])
     try:
         wait_for(lambda: os.path.isfile(os.path.join(d, "metrics.jsonl")) and len(losses(d)) >= 2,
                  what="two logged steps")
@@ -155,6 +157,7 @@ def test_sigterm_to_one_rank_checkpoints_and_exits_zero(assets, tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, out[-4000:]
     assert "checkpointed at step" in out
+    assert os.path.isfile(os.path.join(d, "samples", "step00000001.png"))
     step = max(losses(d))
     assert step < 200
     tag = os.path.join(d, "checkpoints", f"step{step:08d}")
@@ -182,3 +185,35 @@ def test_resume_on_another_world_size(assets, tmp_path, stage, before, after):
     # a fresh model starts at loss ~1 (zero-initialised output); the restored one continues lower
     assert max(resumed) < 0.9 * first[1], (first, resumed)
     assert sum(resumed) / 4 <= sum(first[s] for s in (1, 2, 3)) / 3
+
+
+NAN_SCRIPT = r"""
+import sys, torch
+from framework.config import load_config
+from framework.engine import train, NonFiniteLossError
+cfg = load_config(sys.argv[1], sys.argv[2:])
+bad_steps = {2}
+def batches(all_bad):
+    i = 0
+    while True:
+        i += 1
+        x = torch.rand(4, 1, 16, 16) * 2 - 1
+        if all_bad or i in bad_steps:
+            x[0, 0, 0, 0] = float("nan")       # e.g. a corrupt precomputed latent
+        yield {"image": x, "caption": ["a photo of a bag"] * 4}
+r = train(cfg, data=batches(False))
+print("SKIPPED", r["nonfinite_skipped"], "STEP", r["step"])
+cfg.run_dir += "_allbad"
+try:
+    train(cfg, data=batches(True))
+except NonFiniteLossError as e:
+    print("ABORT", e)
+"""
+
+
+def test_non_finite_loss_is_skipped_then_aborts(assets, tmp_path):
+    args = _args(assets, tmp_path / "nan", ["engine.steps=3", "engine.max_nonfinite=3"])
+    p = subprocess.run([sys.executable, "-c", NAN_SCRIPT, *args[1:]], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=240)
+    assert "SKIPPED 1 STEP 3" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "ABORT 3 non-finite losses in a row, the last at step 1" in p.stdout, p.stdout + p.stderr[-3000:]
