@@ -211,7 +211,7 @@ def test_deepspeed_command(tmp_path):
     single = tmp_path / "hostfile1"
     single.write_text("# one machine\nlocalhost slots=2\n")
     r = dry(["launch/deepspeed.sh", "--master_port", "29611", str(single), "configs/tiny.yaml", "a=1"],
-            GLOO_SOCKET_IFNAME="eth1", BAD_QUOTE='x"y', DS_ENV_EXTRA="BAD_QUOTE")
+            GLOO_SOCKET_IFNAME="eth1", BAD_QUOTE='x"y', DS_ENV_EXTRA="BAD_QUOTE", TMPDIR=str(tmp_path))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split("\n")
     env_lines = [x[2:] for x in lines if x.startswith("# ") and "=" in x]
@@ -224,7 +224,7 @@ def test_deepspeed_command(tmp_path):
     multi = tmp_path / "hostfile2"
     multi.write_text("n1 slots=8\nn2 slots=8\n")
     r = dry(["launch/deepspeed.sh", "--launcher=openmpi", "--ssh_port=2222", str(multi), "configs/tiny.yaml"],
-            DS_INCLUDE="n1@n2:0,1", FW_ENTRY="tools/x.py")
+            DS_INCLUDE="n1@n2:0,1", FW_ENTRY="tools/x.py", TMPDIR=str(tmp_path))
     cmd = " ".join(r.stdout.split("\n"))
     assert f"--hostfile {multi} --include n1@n2:0,1 --launcher openmpi --ssh_port=2222 tools/x.py" in cmd
     assert "--no_ssh_check" not in cmd and "--master_addr" not in cmd
@@ -232,7 +232,8 @@ def test_deepspeed_command(tmp_path):
                 "configs/tiny.yaml"]).returncode == 2
     (tmp_path / "bad").write_text("n1 8\n")
     assert dry(["launch/deepspeed.sh", str(tmp_path / "bad"), "configs/tiny.yaml"]).returncode == 2
-    assert not list(tmp_path.glob("fw-deepspeed_env*"))
+    assert f"# DS_ENV_FILE={tmp_path}/fw-deepspeed_env." in r.stdout
+    assert not list(tmp_path.glob("fw-deepspeed_env*")), "the generated .deepspeed_env was not removed"
 
 
 def _stub_bin(directory: str, srun_log: str = "", requeue_log: str = "") -> str:
