@@ -521,8 +521,10 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
                 out = forward(x_t.to(dtype), t, **cond_kwargs).float()
                 if cfg.task == "classifier":
                     # -- noisy classifier p(y | x_t, t): cross-entropy on the noised image
+                    # (labels: json `label`, or classifier.class_names matched in the captions)
+                    from .classifier import batch_labels
                     per_sample = torch.nn.functional.cross_entropy(
-                        out, batch["label"].to(device), reduction="none")
+                        out, batch_labels(batch, cfg.classifier).to(device), reduction="none")
                 else:
                     # -- L_simple per sample (or the configured prediction / weighting), mean
                     per_sample = D.training_loss(sched, out, x0, t, eps, prediction=cfg.diffusion.prediction,

@@ -1,0 +1,389 @@
+"""The noisy classifier p(y | x_t, t) for classifier guidance (lecture "Classifier guidance").
+
+    logits = head(encoder(x_t, t)),   log p(y | x_t) = log_softmax(logits)[y]
+
+Network: the UNet's encoder half, built from the same pieces (``framework.unet``) with the same
+widths and key names (``time_embed``, ``conv_in``, ``down.*``, ``mid.*``), then a pooled head:
+
+    time embedding -> conv_in -> down levels [ResBlock (+ self-attention)] x n, Downsample
+                   -> mid ResBlock (+ self-attention, ResBlock)
+                   -> GroupNorm, SiLU, pool ("mean": spatial mean; "attention": the mean token
+                      attends over [mean; pixels]) -> Linear(C, num_classes) (zero-initialised)
+
+The classifier never sees text: its transformer blocks are self-attention only (context_dim = 0).
+The zero init lives in the output layer's own ``reset_parameters`` (``unet.ZeroLinear``), so it holds
+under ZeRO-3 ``zero.Init``. Trained by the same trainer and engine (``task: classifier``): cross-entropy
+of ``model(x_t, t)`` against the labels (json ``label`` or ``classifier.class_names`` matched in the
+captions: ``batch_labels``).
+
+Guidance side (no deepspeed here): ``load_classifier`` (a run directory: its latest checkpoint's EMA
+weights; or an exported directory), ``ClassifierGuide`` (``log_prob_fn(x_t, t, y)``, the gradient, the
+eps-correction model function and the mean-shift gradient of ``framework.sampling``), ``accuracy_by_t``
+(held-out accuracy on noised images, by t).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import ClassifierConfig, UNetConfig
+from .unet import (Attention, Downsample, Level, ResBlock, SpatialTransformer, ZeroLinear, _run,
+                   level_channels, level_heads, timestep_embedding)
+
+__all__ = ["NoisyClassifier", "AttentionPool", "class_patterns", "labels_from_captions", "batch_labels",
+           "load_classifier", "run_weights", "ClassifierGuide", "accuracy_by_t", "class_index"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------------
+class AttentionPool(nn.Module):
+    """(B, C, H, W) -> (B, C): the mean token is the query over [mean; pixels] (CLIP/ADM-style
+    attention pooling, without a positional embedding so any image size works)."""
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention pool: {channels} channels do not split into {heads} heads")
+        self.attn = Attention(channels, heads)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        tokens = rearrange(h, "b c h w -> b (h w) c")                  # (B, N, C)
+        mean = tokens.mean(dim=1, keepdim=True)                         # (B, 1, C)
+        out = self.attn(mean, torch.cat([mean, tokens], dim=1))         # (B, 1, C)
+        return out[:, 0]
+
+
+class NoisyClassifier(nn.Module):
+    """p(y | x_t, t): ``forward(x (B,C,H,W), t (B,) int) -> logits (B, num_classes)``."""
+
+    def __init__(self, unet_cfg: UNetConfig, cls_cfg: ClassifierConfig):
+        super().__init__()
+        if cls_cfg.num_classes < 2:
+            raise ValueError(f"classifier.num_classes must be >= 2, got {cls_cfg.num_classes}")
+        if cls_cfg.class_names and len(cls_cfg.class_names) != cls_cfg.num_classes:
+            raise ValueError(f"classifier.class_names has {len(cls_cfg.class_names)} names but "
+                             f"classifier.num_classes={cls_cfg.num_classes}")
+        if cls_cfg.pool not in ("mean", "attention"):
+            raise ValueError(f"classifier.pool must be 'mean' or 'attention', got {cls_cfg.pool!r}")
+        self.cfg, self.cls_cfg = unet_cfg, cls_cfg
+        cfg = unet_cfg
+        chs, heads = level_channels(cfg), level_heads(cfg)
+        n_levels, nrb, g = len(chs), cfg.num_res_blocks, cfg.groups
+        bad = [lv for lv in cfg.attention_levels if not 0 <= lv < n_levels]
+        if bad:
+            raise ValueError(f"unet.attention_levels {bad} outside 0..{n_levels - 1}")
+        c0 = chs[0]
+        temb = 4 * c0
+        self.time_embed = nn.Sequential(nn.Linear(c0, temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+
+        def res(cin, cout):
+            return ResBlock(cin, cout, temb, g, cfg.dropout, cfg.scale_shift)
+
+        def attn(c, lv):   # self-attention only: the classifier is not text-conditioned
+            return SpatialTransformer(c, heads[lv], cfg.transformer_depth, 0, g, cfg.linear_projection)
+
+        # the UNet's down path, same widths and key names
+        self.down = nn.ModuleList()
+        c = c0
+        for lv, cout in enumerate(chs):
+            level = Level()
+            for _ in range(nrb):
+                level.res.append(res(c, cout))
+                c = cout
+                if lv in cfg.attention_levels:
+                    level.attn.append(attn(c, lv))
+            if lv < n_levels - 1:
+                level.sample = Downsample(c)
+            self.down.append(level)
+        self.mid = Level()
+        self.mid.res.append(res(c, c))
+        if cfg.mid_attention:
+            self.mid.attn.append(attn(c, n_levels - 1))
+            self.mid.res.append(res(c, c))
+
+        # pooled head: GroupNorm, SiLU, pool, Linear (zero-init in its own reset_parameters)
+        self.norm_out = nn.GroupNorm(g, c, eps=1e-5)
+        self.pool = AttentionPool(c, heads[-1]) if cls_cfg.pool == "attention" else None
+        self.head = ZeroLinear(c, cls_cfg.num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cls_cfg.num_classes
+
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) -> pooled features (B, C_last)."""
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        temb = F.silu(self.time_embed(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype)))
+        h = self.conv_in(x)
+        for level in self.down:
+            for i, block in enumerate(level.res):
+                h = _run(block, h, temb)
+                if len(level.attn):
+                    h = _run(level.attn[i], h)
+            if level.sample is not None:
+                h = level.sample(h)
+        for i, block in enumerate(self.mid.res):
+            h = _run(block, h, temb)
+            if i < len(self.mid.attn):
+                h = _run(self.mid.attn[i], h)
+        h = F.silu(self.norm_out(h))                                    # (B, C, h, w)
+        return self.pool(h) if self.pool is not None else h.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t (B, C, H, W), t (B,) int in 1..T -> logits (B, num_classes)."""
+        return self.head(self.features(x, t))
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels: json `label`, or the class name a caption contains
+# ---------------------------------------------------------------------------------------------
+def class_patterns(class_names: Sequence[str]) -> list[re.Pattern]:
+    """One case-insensitive pattern per class. A name may list alternatives separated by "/" or "|"
+    ("T-shirt/top"); each matches as a whole word (letters, digits and "-" count as word
+    characters, so "shirt" does not match inside "t-shirt"), plural "s"/"es" allowed."""
+    pats = []
+    for name in class_names:
+        alts = [a.strip() for a in re.split(r"[/|]", name) if a.strip()]
+        if not alts:
+            raise ValueError(f"classifier.class_names: empty class name {name!r}")
+        body = "|".join(re.escape(a).replace(r"\ ", r"\s+") for a in sorted(alts, key=len, reverse=True))
+        pats.append(re.compile(rf"(?<![\w-])(?:{body})(?:e?s)?(?![\w-])", re.IGNORECASE))
+    return pats
+
+
+def labels_from_captions(captions: Sequence[str], class_names: Sequence[str],
+                         patterns: Optional[list] = None) -> list[int]:
+    """Each caption -> the index of the one class name it contains. A caption naming no class, or
+    two different classes, raises ValueError naming it."""
+    pats = patterns or class_patterns(class_names)
+    out = []
+    for cap in captions:
+        found = {i for i, p in enumerate(pats) if p.search(cap)}
+        if len(found) != 1:
+            what = "names no class" if not found else \
+                f"names several classes ({', '.join(class_names[i] for i in sorted(found))})"
+            raise ValueError(f"caption {cap!r} {what} of classifier.class_names={list(class_names)}: "
+                             f"give the sample a json 'label' or fix the class names")
+        out.append(found.pop())
+    return out
+
+
+_PATTERN_CACHE: dict = {}
+
+
+def batch_labels(batch: dict, cls_cfg: ClassifierConfig) -> torch.Tensor:
+    """The (B,) int64 class labels of a training batch: its ``label`` (from the shard json; -1 where
+    absent), with the -1 entries derived from the captions when ``cls_cfg.class_names`` is set.
+    Raises ValueError (naming the sample) when a sample still has no label or one out of range."""
+    labels = torch.as_tensor(batch["label"], dtype=torch.int64).clone()
+    missing = (labels < 0).nonzero().flatten().tolist()
+    if missing and cls_cfg.class_names:
+        key = tuple(cls_cfg.class_names)
+        pats = _PATTERN_CACHE.setdefault(key, class_patterns(cls_cfg.class_names))
+        caps = [batch["caption"][i] for i in missing]
+        labels[missing] = torch.tensor(labels_from_captions(caps, cls_cfg.class_names, pats))
+    elif missing:
+        keys = batch.get("key") or [str(i) for i in range(len(labels))]
+        raise ValueError(f"task=classifier: sample {keys[missing[0]]!r} has no label (no json "
+                         f"'label' in the shard) and classifier.class_names is empty: add labels or "
+                         f"set classifier.class_names to map captions to classes")
+    bad = ((labels < 0) | (labels >= cls_cfg.num_classes)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"task=classifier: label {int(labels[bad[0]])} outside 0..{cls_cfg.num_classes - 1} "
+                         f"(classifier.num_classes={cls_cfg.num_classes})")
+    return labels
+
+
+def class_index(y: Union[int, str], class_names: Sequence[str], num_classes: int) -> int:
+    """A class given as an index or a name (case-insensitive; a name matching one class pattern)."""
+    if isinstance(y, str) and y.strip().lstrip("-").isdigit():
+        y = int(y)
+    if isinstance(y, int):
+        if not 0 <= y < num_classes:
+            raise ValueError(f"class {y} outside 0..{num_classes - 1}")
+        return y
+    exact = [i for i, n in enumerate(class_names) if n.lower() == y.strip().lower()]
+    if exact:
+        return exact[0]
+    if class_names:
+        return labels_from_captions([y], class_names)[0]
+    raise ValueError(f"class {y!r}: this classifier has no class names, give an index 0..{num_classes - 1}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained classifier (no deepspeed)
+# ---------------------------------------------------------------------------------------------
+def run_weights(run_dir: str, checkpoint: str = "auto") -> dict[str, torch.Tensor]:
+    """The consolidated EMA weights of a run's checkpoint ("auto": the newest complete one; or a
+    tag / path), re-assembled from the per-rank EMA files (any ZeRO stage, any world size)."""
+    from . import checkpoint as ckpt
+    try:   # the export module owns consolidation once it exists
+        from .export import consolidate_ema as _consolidate   # type: ignore
+    except Exception:
+        _consolidate = None
+    directory = ckpt.ckpt_dir(run_dir)
+    tag_dir = ckpt.find_resume(directory, checkpoint or "auto")
+    if tag_dir is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under {directory}")
+    if _consolidate is not None:
+        return _consolidate(tag_dir)
+    from .engine import EMA   # engine imports deepspeed only inside train()
+    meta = ckpt.read_meta(tag_dir)
+    files = [ckpt.ema_file(tag_dir, r) for r in range(meta["world_size"])]
+    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files if os.path.isfile(f)]
+    if not shards:
+        raise FileNotFoundError(f"{tag_dir}: no EMA files (ema-rank*.pt)")
+    return EMA.full_state(shards, meta["shapes"], meta["ema_partitioned"])
+
+
+def _exported_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    files = sorted(glob.glob(os.path.join(path, "**", "*.safetensors"), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(f))
+    return sd
+
+
+def load_classifier(path: str, device: Union[str, torch.device] = "cpu",
+                    dtype: torch.dtype = torch.float32, checkpoint: str = "auto"):
+    """A trained NoisyClassifier, frozen (eval, requires_grad False), and its config.
+
+    path: a run directory (config.yaml + checkpoints/: the EMA weights of `checkpoint`) or an
+    exported directory (config.yaml + *.safetensors). The config must have task=classifier.
+    Returns (model, cfg)."""
+    from .config import load_config
+    cfg_path = os.path.join(path, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.yaml (expected a run or an exported directory)")
+    cfg = load_config(cfg_path)
+    if cfg.task != "classifier":
+        raise ValueError(f"{path}: task={cfg.task!r}, not a classifier (train it with task=classifier)")
+    if os.path.isdir(os.path.join(path, "checkpoints")) and not glob.glob(os.path.join(path, "*.safetensors")):
+        sd = run_weights(path, checkpoint)
+    else:
+        sd = _exported_weights(path)
+    sd = {k[len("classifier."):] if k.startswith("classifier.") else k: v for k, v in sd.items()}
+    model = NoisyClassifier(cfg.unet, cfg.classifier)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{path}: weights do not match NoisyClassifier(cfg): missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance
+# ---------------------------------------------------------------------------------------------
+class ClassifierGuide:
+    """A frozen classifier as the pieces ``framework.sampling`` takes.
+
+    - ``log_prob_fn(x_t, t, y) -> (B,)`` = log_softmax(logits)[y]; y an int, a class name or (B,).
+    - ``grad_fn(y)`` -> fn(x, t) = grad_x log p(y | x, t) (gradient w.r.t. x only; the classifier's
+      parameters have requires_grad False and never receive a .grad).
+    - ``eps_model(model_fn, y, scale, sched)``: the eps-correction form
+      eps_hat = eps - scale sqrt(1 - abar_t) grad log p(y | x_t) (``sampling.classifier_guided_model``);
+      wraps any model function, e.g. a classifier-free guided one (``sampling.cfg_model``).
+    - the mean-shift form: ``ddpm_sample(fn, x_T, sched, classifier_grad=guide.grad_fn(y),
+      classifier_scale=scale)``; ``sample(...)`` dispatches on form "eps" / "mean".
+    """
+
+    def __init__(self, model: nn.Module, class_names: Sequence[str] = ()):
+        self.model = model.eval().requires_grad_(False)
+        self.class_names = list(class_names)
+        self.num_classes = model.num_classes if hasattr(model, "num_classes") else None
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+
+    @classmethod
+    def load(cls, path: str, device="cpu", dtype=torch.float32, checkpoint: str = "auto") -> "ClassifierGuide":
+        model, cfg = load_classifier(path, device, dtype, checkpoint)
+        return cls(model, cfg.classifier.class_names)
+
+    def labels(self, y, batch: int) -> torch.Tensor:
+        """y (int, name, list or tensor) -> (batch,) int64 on the classifier's device."""
+        if isinstance(y, (int, str)):
+            y = [class_index(y, self.class_names, self.num_classes)] * batch
+        elif isinstance(y, (list, tuple)):
+            y = [class_index(v, self.class_names, self.num_classes) for v in y]
+        y = torch.as_tensor(y, dtype=torch.int64, device=self.device)
+        if y.ndim == 0:
+            y = y.expand(batch)
+        if y.shape != (batch,):
+            raise ValueError(f"labels: expected {batch} labels, got shape {tuple(y.shape)}")
+        return y
+
+    def logits(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.device, self.dtype), t.to(self.device)).float()
+
+    def log_prob_fn(self, x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
+        """log p(y | x_t, t), (B,) float32 (differentiable w.r.t. x)."""
+        lp = F.log_softmax(self.logits(x, t), dim=-1)                   # (B, K)
+        y = self.labels(y, x.shape[0])
+        return lp.gather(1, y[:, None])[:, 0].to(x.device)
+
+    def grad_fn(self, y) -> Callable:
+        from .sampling import classifier_grad_fn
+        return classifier_grad_fn(self.log_prob_fn, y)
+
+    def eps_model(self, model_fn: Callable, y, scale: float, sched) -> Callable:
+        from .sampling import classifier_guided_model
+        return classifier_guided_model(model_fn, self.log_prob_fn, y, scale, sched)
+
+    def sample(self, model_fn: Callable, x_T: torch.Tensor, sched, y, scale: float, form: str = "eps",
+               sampler: str = "ddpm", steps: int = 50, eta: float = 0.0,
+               generator: Optional[torch.Generator] = None, **kw) -> torch.Tensor:
+        """Guided sampling: form "eps" (eps correction, any sampler) or "mean" (the lecture's
+        ancestral mean shift; DDPM only). model_fn(x, t) -> eps (unconditional, or CFG-wrapped)."""
+        from .sampling import ddim_sample, ddpm_sample
+        if form not in ("eps", "mean"):
+            raise ValueError(f"classifier guidance form must be 'eps' or 'mean', got {form!r}")
+        if form == "mean":
+            if sampler != "ddpm":
+                raise ValueError("the mean-shift form of classifier guidance is ancestral: use sampler='ddpm'")
+            return ddpm_sample(model_fn, x_T, sched, generator, classifier_grad=self.grad_fn(y),
+                               classifier_scale=scale, **kw)
+        fn = self.eps_model(model_fn, y, scale, sched)
+        if sampler == "ddpm":
+            return ddpm_sample(fn, x_T, sched, generator, **kw)
+        return ddim_sample(fn, x_T, sched, steps=steps, eta=eta, generator=generator, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy on noisy held-out images, by t
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def accuracy_by_t(model: Callable, images: torch.Tensor, labels: torch.Tensor, sched,
+                  ts: Sequence[int], batch_size: int = 256, seed: int = 0) -> dict[int, float]:
+    """Top-1 accuracy of model(x_t, t) on x_t = q_sample(x0, t, eps) for each t in ts.
+    images (N, C, H, W) in [-1, 1], labels (N,). Returns {t: accuracy}."""
+    from .diffusion import q_sample
+    p = next(model.parameters()) if isinstance(model, nn.Module) else None
+    device = p.device if p is not None else images.device
+    dtype = p.dtype if p is not None else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t_int in ts:
+        correct = 0
+        for i in range(0, len(images), batch_size):
+            x0 = images[i:i + batch_size].float()
+            eps = torch.randn(x0.shape, generator=g)
+            x_t = q_sample(sched, x0, int(t_int), eps)
+            t = torch.full((len(x0),), int(t_int), dtype=torch.int64)
+            pred = model(x_t.to(device, dtype), t.to(device)).argmax(-1).cpu()
+            correct += int((pred == labels[i:i + batch_size].cpu()).sum())
+        out[int(t_int)] = correct / max(1, len(images))
+    return out
