@@ -374,12 +374,16 @@ def table_source(path: str, image_col: Optional[str] = None, caption_col: Option
     rows: list[dict]
     if ext in ("jsonl", "ndjson", "json"):
         with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            text = f.read()
+        if ext == "json" and text.lstrip().startswith("["):       # a JSON array of rows
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     elif ext in ("csv", "tsv"):
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f, delimiter="\t" if ext == "tsv" else ","))
     else:
-        raise ValueError(f"table source: {path}: expected .csv, .tsv or .jsonl")
+        raise ValueError(f"table source: {path}: expected .csv, .tsv, .jsonl or .json")
     cols = list(rows[0].keys()) if rows else []
 
     def pick(given, candidates, what):
@@ -630,7 +634,13 @@ def inspect_shards(spec: Union[str, Sequence[str]], contact_sheet: Optional[str]
     for sh in shards:
         n = 0
         events: list = []
-        for s in iter_shard_samples(sh.url, events=events):
+        try:
+            samples = list(iter_shard_samples(sh.url, events=events, expected=sh.count))
+        except Exception as e:        # missing / unreadable: report it, keep going
+            problems["unreadable_shard"] += 1
+            per_shard.append({"url": sh.url, "count": 0, "manifest_count": sh.count, "error": str(e)})
+            continue
+        for s in samples:
             n += 1
             total += 1
             keys[s["__key__"]] += 1

@@ -118,7 +118,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     p.add_argument("--n-jpeg", type=int, default=512)
     p.add_argument("--tmp", default=None, help="where to write the shards (default: a temp dir)")
     args = p.parse_args(argv)
-    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+               "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
     results = []
 
     def emit(rec: dict) -> None:

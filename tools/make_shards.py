@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, prefix, fmt="auto"):
         sp.add_argument("--out", required=True, help="output folder (shards + shards.json)")
         sp.add_argument("--prefix", default=prefix, help=f"shard name prefix (default {prefix})")
-        sp.add_argument("--max-count", type=int, default=5000, help="samples per shard (default 5000)")
+        sp.add_argument("--max-count", type=int, default=1000,
+                        help="samples per shard (default 1000; a dataset needs at least ranks x workers shards)")
         sp.add_argument("--max-bytes", type=parse_bytes, default=parse_bytes("256M"),
                         help="bytes per shard, whichever comes first (default 256M)")
         sp.add_argument("--format", choices=["auto", "png", "jpg"], default=fmt,
