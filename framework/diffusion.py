@@ -144,9 +144,13 @@ class Schedule:
 
     # -- indexing --------------------------------------------------------------------------------
     def table(self, table: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
-        """`table` cast to dtype and moved to device, cached (the float64 original stays on CPU)."""
-        device = torch.device(device)
-        key = (id(table), dtype, device)
+        """`table` cast to dtype and moved to device (the float64 original stays on CPU); cached per
+        (table, dtype, device) when it is one of this schedule's own tables."""
+        device = torch.device(device) if device is not None else table.device
+        name = next((n for n in self.TABLES if getattr(self, n) is table), None)
+        if name is None:
+            return table.to(dtype=dtype).to(device)
+        key = (name, dtype, device)
         hit = self._cache.get(key)
         if hit is None:
             hit = table.to(dtype=dtype).to(device)
@@ -189,7 +193,10 @@ def check_t(sched: Schedule, t: TimeLike, like: Optional[torch.Tensor] = None, l
     if isinstance(t, bool):
         raise ValueError("t must be an integer timestep, got a bool")
     if isinstance(t, int):
-        t = torch.full((B,), t, dtype=torch.int64, device=device)
+        if not lo <= t <= sched.T:
+            raise ValueError(f"timestep out of range: got t={t}, expected {lo}..{sched.T} "
+                             f"(T={sched.T}; t=0 is clean data)")
+        return torch.full((B,), t, dtype=torch.int64, device=device)
     elif isinstance(t, torch.Tensor):
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"t must be an integer tensor (int64 timesteps in {lo}..{sched.T}), "

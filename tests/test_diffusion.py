@@ -34,6 +34,15 @@ def abar_ref(betas):
     return np.concatenate([[1.0], np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))])
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors, many steps: intra-op threads only add contention on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # ---------------------------------------------------------------------------------------------
 # Schedules
 # ---------------------------------------------------------------------------------------------
