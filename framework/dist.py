@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import re
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
 __all__ = ["DistEnv", "dist_env", "setup_env", "expand_slurm_nodelist", "print0", "seed_everything",
-           "rank_seed", "is_main"]
+           "rank_seed", "is_main", "StopFlag"]
 
 
 @dataclass(frozen=True)
@@ -138,3 +139,25 @@ def seed_everything(seed: int, rank: Optional[int] = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     return s
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM preemption) record the signal instead of killing the process; the
+    training loop checks ``signum`` after each step (agreed across ranks), checkpoints and exits 0.
+    Install it as early as possible (the entry point does, before the heavy imports)."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread: signals stay with their default handlers
+                pass
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, save_config, to_dict
-from .dist import dist_env, print0, rank_seed, setup_env
+from .dist import StopFlag, dist_env, print0, rank_seed, setup_env
 
 __all__ = ["build_ds_config", "EMA", "NoiseStream", "init_distributed", "train", "TrainResult",
            "NonFiniteLossError"]
@@ -68,8 +68,10 @@ def _device(cfg_device: str, local_rank: int) -> torch.device:
     if cfg_device == "auto":
         cfg_device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg_device == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # one GPU per task (SLURM --gpus-per-task) shows each process a single device
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(cfg_device)
 
 
@@ -318,26 +320,6 @@ class _Logger:
             self.bar.close()
 
 
-class _StopFlag:
-    """SIGTERM / SIGUSR1 (SLURM preemption): finish the step, checkpoint, exit 0."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:   # not the main thread
-                pass
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def restore(self):
-        for sig, h in self.previous.items():
-            signal.signal(sig, h)
-
-
 def memory_stats(engine, zero3: bool) -> dict:
     """Elements this rank holds: parameters (its ZeRO-3 partitions, or full copies) and optimizer
     state (Adam's moments over its partition). Measured from the tensors, not from a formula."""
@@ -376,10 +358,6 @@ def save_checkpoint(engine, cfg: Config, denv, step: int, images: int, ema: Opti
         ckpt.finalize(directory, step, _checkpoint_meta(cfg, denv, step, images, ema))
         ckpt.prune(directory, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
     dist.barrier()
-    if denv.local_rank == 0 and denv.rank != 0 and os.path.isdir(tmp_dir):  # node-local disks
-        ckpt.finalize(directory, step, _checkpoint_meta(cfg, denv, step, images, ema))
-        ckpt.prune(directory, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
-    dist.barrier()
     return final
 
 
@@ -390,13 +368,15 @@ class TrainResult(dict):
     """step, images_seen, losses (per logged step), stopped_by_signal, checkpoint."""
 
 
-def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> TrainResult:
+def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
+          stop: Optional[StopFlag] = None) -> TrainResult:
     import deepspeed
     import torch.distributed as dist
 
     from . import diffusion as D
 
     # ---- 1. processes, devices, run directory --------------------------------------------------
+    stop = stop or StopFlag()      # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 0
     device_kind = cfg.engine.device if cfg.engine.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")
     denv = init_distributed(device_kind)
@@ -410,6 +390,12 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
 
     # ---- 2. what to resume from (decided before the engine: a new world size needs universal) ---
     resume_dir = ckpt.find_resume(directory, cfg.checkpoint.resume)
+    if world > 1:   # every rank must see the same checkpoint: run_dir has to be on a shared file system
+        seen: list = [None] * world
+        dist.all_gather_object(seen, os.path.basename(resume_dir) if resume_dir else None)
+        if len(set(seen)) > 1:
+            raise RuntimeError(f"ranks found different checkpoints to resume from ({seen}): put run_dir "
+                               f"({cfg.run_dir}) on a file system that every node shares")
     resume_meta = ckpt.read_meta(resume_dir) if resume_dir else None
     reshard = bool(resume_meta and resume_meta["world_size"] != world)
     load_dir = resume_dir
@@ -491,7 +477,6 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None) -> T
 
     # ---- 7. train ------------------------------------------------------------------------------
     logger = _Logger(cfg.run_dir, cfg, rank, cfg.engine.steps, step)
-    stop = _StopFlag()
     result = TrainResult(step=step, images_seen=images, losses=[], stopped_by_signal=False,
                          checkpoint=None, nonfinite_skipped=0)
     nonfinite_run, last_ckpt_step = 0, step
@@ -655,7 +640,8 @@ def _sample_grid(cfg: Config, module, ema: EMA, encoder, null, sched, device, dt
     module.eval()
     with ema.swapped_in():
         fn = cfg_model(model, cond.as_kwargs(), uncond.as_kwargs(), s.guidance_scale, rescale=s.rescale)
-        x0 = ddim_sample(fn, x_T, sched, steps=s.steps, eta=s.eta, generator=g)
+        x0 = ddim_sample(fn, x_T, sched, steps=s.steps, eta=s.eta, generator=g,
+                         prediction=cfg.diffusion.prediction)
     module.train(was_training)
     if rank == 0:
         save_grid(x0, os.path.join(cfg.run_dir, "samples", f"step{step:08d}.png"),

@@ -9,6 +9,8 @@ from typing import Optional
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from .dist import StopFlag
+    stop = StopFlag()            # before the slow imports: a preemption signal during setup still counts
     from .config import ConfigError, parse_cli
 
     try:
@@ -17,7 +19,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from .engine import train
-    result = train(cfg)
+    result = train(cfg, stop=stop)
     from .dist import print0
     print0(f"done: step {result['step']}, {result['images_seen']} images"
            + (" (stopped by signal, checkpointed)" if result["stopped_by_signal"] else ""))
