@@ -39,7 +39,7 @@ from .unet import (Attention, Downsample, Level, ResBlock, SpatialTransformer, Z
                    level_channels, level_heads, timestep_embedding)
 
 __all__ = ["NoisyClassifier", "AttentionPool", "class_patterns", "labels_from_captions", "batch_labels",
-           "load_classifier", "run_weights", "ClassifierGuide", "accuracy_by_t", "class_index"]
+           "load_classifier", "run_weights", "ClassifierGuide", "accuracy_by_t", "class_index", "held_out"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,3 +387,24 @@ def accuracy_by_t(model: Callable, images: torch.Tensor, labels: torch.Tensor, s
             correct += int((pred == labels[i:i + batch_size].cpu()).sum())
         out[int(t_int)] = correct / max(1, len(images))
     return out
+
+
+def held_out(data_cfg, n: int, cls_cfg: Optional[ClassifierConfig] = None, batch_size: int = 100,
+             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n samples of a shard set (no shuffling, one process): images (n, C, H, W) in
+    [-1, 1] and labels (n,) (json ``label``, or captions -> ``cls_cfg.class_names``)."""
+    import dataclasses
+    from .data import build_loader
+    dc = dataclasses.replace(data_cfg, shardshuffle=False, shuffle_buffer=0, num_workers=0,
+                             use_embeddings=False, random_flip=False)
+    cls_cfg = cls_cfg or ClassifierConfig()
+    loader = build_loader(dc, min(batch_size, n), 0, 1, seed)
+    xs, ys = [], []
+    try:
+        for _ in range(min(-(-n // loader.batch_size), loader.steps_per_epoch)):   # one epoch at most
+            b = next(loader)
+            xs.append(b["image"])
+            ys.append(batch_labels(b, cls_cfg))
+    finally:
+        loader.close()
+    return torch.cat(xs)[:n], torch.cat(ys)[:n]
