@@ -491,18 +491,28 @@ def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tupl
     return out
 
 
+def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype)
+    return t.share_memory_() if torch.utils.data.get_worker_info() is not None else t
+
+
 def _collate(items: list[dict]) -> dict:
-    # uint8 images -> [-1, 1]; npy arrays as they are. numpy, not torch: no intra-op thread pool here
+    # uint8 images -> [-1, 1]; npy arrays as they are. numpy, not torch: no intra-op thread pool here.
+    # In a DataLoader worker the batch is built directly in shared memory (as torch's default_collate
+    # does), so handing it to the main process copies nothing.
     imgs = [it["image"] for it in items]
-    if all(a.dtype == np.uint8 for a in imgs):
-        u8 = np.stack(imgs)                                                     # (B,C,H,W) uint8
-        out = np.empty(u8.shape, np.float32)
-        np.multiply(u8, np.float32(1 / 127.5), out=out, dtype=np.float32)
+    image = _empty((len(imgs),) + imgs[0].shape, torch.float32)                 # (B,C,H,W)
+    out = image.numpy()
+    for i, a in enumerate(imgs):      # a cast-assign per image (3x faster than stacking (C,H,W) views)
+        out[i] = a
+    scaled = [i for i, a in enumerate(imgs) if a.dtype == np.uint8]
+    if len(scaled) == len(imgs):
+        out *= np.float32(1 / 127.5)
         out -= np.float32(1.0)
     else:
-        out = np.stack([a.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0) if a.dtype == np.uint8
-                        else a.astype(np.float32, copy=False) for a in imgs])
-    image = torch.from_numpy(out)
+        for i in scaled:
+            out[i] *= np.float32(1 / 127.5)
+            out[i] -= np.float32(1.0)
     batch = {"image": image, "caption": [it["caption"] for it in items], "key": [it["key"] for it in items],
              "label": torch.tensor([it["label"] for it in items], dtype=torch.int64)}
     if "ctx" in items[0]:

@@ -7,7 +7,9 @@ the same images. Prints JSON lines.
 Datasets (written to a temp dir): Fashion-MNIST 28x28 PNG read at 32x32 (grayscale), and 512
 synthetic 256x256 photo-like JPEGs (q90) read at 256 (RGB, random crop+flip) and at 64 (where
 libjpeg's draft mode decodes at reduced scale). ``samples_per_s_per_worker`` divides by the number
-of worker processes (1 for num_workers=0, which decodes in the main process).
+of worker processes (1 for num_workers=0, which decodes in the main process);
+``samples_per_cpu_s`` divides by the CPU time used (main process + workers), which stays
+meaningful on a shared, busy machine where wall-clock rates mostly measure the contention.
 """
 from __future__ import annotations
 
@@ -67,6 +69,16 @@ def write_datasets(tmp: str, n_fmnist: int, n_jpeg: int) -> dict[str, str]:
     return out
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """user+system CPU seconds of a process (Linux /proc); 0 where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def bare_decode_rate(path: str, seconds: float) -> dict:
     """PIL decode only (Image.open + load), bytes already in memory, one process."""
     from framework.data import expand_spec, iter_shard_samples
@@ -75,15 +87,16 @@ def bare_decode_rate(path: str, seconds: float) -> dict:
     t0 = time.perf_counter()
     blobs = [s.get("png") or s.get("jpg") for sh in shards for s in iter_shard_samples(sh.url)]
     read_s = time.perf_counter() - t0
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds or n < len(blobs):
         im = Image.open(io.BytesIO(blobs[n % len(blobs)]))
         im.load()
         n += 1
         if n >= 4 * len(blobs):
             break
-    dt = time.perf_counter() - t0
-    return {"samples_per_s": round(n / dt, 1), "tar_read_samples_per_s": round(len(blobs) / read_s, 1),
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"samples_per_s": round(n / dt, 1), "samples_per_cpu_s": round(n / max(cpu, 1e-9), 1),
+            "tar_read_samples_per_s": round(len(blobs) / read_s, 1),
             "samples": n, "image": f"{im.width}x{im.height} {im.mode}",
             "mean_bytes": int(np.mean([len(b) for b in blobs]))}
 
@@ -97,14 +110,18 @@ def pipeline_rate(path: str, image_size: int, channels: int, workers: int, batch
                      crop=crop, random_flip=flip, shuffle_buffer=256)
     L = build_loader(cfg, batch, 0, 1, 0)
     next(L)                                   # start-up (worker processes, first shard) not timed
-    n, t0 = 0, time.perf_counter()
+    pids = [w.pid for w in getattr(L._it, "_workers", [])]     # DataLoader worker processes
+
+    def cpu() -> float:                       # this process + the workers: robust to a busy machine
+        return time.process_time() + sum(_proc_cpu_s(p) for p in pids)
+    n, t0, c0 = 0, time.perf_counter(), cpu()
     while time.perf_counter() - t0 < seconds:
         n += next(L)["image"].shape[0]
-    dt = time.perf_counter() - t0
+    dt, used = time.perf_counter() - t0, cpu() - c0
     L.close()
     procs = max(1, workers)
     return {"samples_per_s": round(n / dt, 1), "samples_per_s_per_worker": round(n / dt / procs, 1),
-            "samples": n}
+            "samples_per_cpu_s": round(n / max(used, 1e-9), 1), "samples": n}
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
