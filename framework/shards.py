@@ -38,7 +38,7 @@ import re
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image

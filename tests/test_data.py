@@ -1,7 +1,6 @@
 """framework/data.py on real webdataset shards written to a tmp dir (tiny: 8x8 images)."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging

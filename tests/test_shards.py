@@ -5,7 +5,6 @@ import importlib.util
 import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
