@@ -431,8 +431,9 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
     if cfg.engine.activation_checkpointing:
         from .unet import apply_activation_checkpointing
         apply_activation_checkpointing(model)
-    if cfg.engine.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # engine.channels_last: only the input x_t goes channels_last (below, in the loop); convolutions
+    # then run channels_last (as fast as with converted weights). Converting the weights here breaks
+    # deepspeed.initialize: its broadcast does p.data.view(torch.uint8), which needs stride(-1) == 1.
     optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_sched,
