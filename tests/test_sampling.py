@@ -19,13 +19,6 @@ from framework.sampling import (cfg_model, classifier_grad_fn, classifier_guided
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors, many steps: intra-op threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # ---------------------------------------------------------------------------------------------
 # Exact models

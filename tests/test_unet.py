@@ -15,14 +15,6 @@ PRESETS = os.path.join(ROOT, "configs", "unet")
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on shared CPUs spinning OpenMP threads
-    slow these tests several-fold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def preset(name: str) -> UNetConfig:
