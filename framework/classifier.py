@@ -16,15 +16,17 @@ under ZeRO-3 ``zero.Init``. Trained by the same trainer and engine (``task: clas
 of ``model(x_t, t)`` against the labels (json ``label`` or ``classifier.class_names`` matched in the
 captions: ``batch_labels``).
 
-Guidance side (no deepspeed here): ``load_classifier`` (a run directory: its latest checkpoint's EMA
-weights; or an exported directory), ``ClassifierGuide`` (``log_prob_fn(x_t, t, y)``, the gradient, the
-eps-correction model function and the mean-shift gradient of ``framework.sampling``), ``accuracy_by_t``
-(held-out accuracy on noised images, by t).
+Guidance side (no deepspeed here): ``load_classifier`` (a run directory: its newest checkpoint's EMA
+weights via ``framework.export.consolidate``; or a directory written by ``export_classifier``),
+``ClassifierGuide`` (``log_prob_fn(x_t, t, y)``, the gradient, the eps-correction model function, the
+ancestral mean shift for ``ddpm_sample`` or as a model wrapper, a prompt -> class wrapper for
+``Pipeline``), ``accuracy_by_t`` (held-out accuracy on noised images, by t),
+``classifier_guidance_sweep`` / ``ClassifierGuidanceMethod`` (``framework.evaluate``'s guided-accuracy
+sweep over the classifier scale, a curve next to classifier-free guidance). See
+docs/classifier_guidance.md.
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 import re
 from typing import Callable, Optional, Sequence, Union
@@ -39,7 +41,8 @@ from .unet import (Attention, Downsample, Level, ResBlock, SpatialTransformer, Z
                    level_channels, level_heads, timestep_embedding)
 
 __all__ = ["NoisyClassifier", "AttentionPool", "class_patterns", "labels_from_captions", "batch_labels",
-           "load_classifier", "run_weights", "ClassifierGuide", "accuracy_by_t", "class_index", "held_out"]
+           "class_index", "load_classifier", "run_weights", "export_classifier", "ClassifierGuide",
+           "accuracy_by_t", "held_out", "classifier_guidance_sweep", "ClassifierGuidanceMethod"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,59 +226,89 @@ def class_index(y: Union[int, str], class_names: Sequence[str], num_classes: int
 # ---------------------------------------------------------------------------------------------
 # Loading a trained classifier (no deepspeed)
 # ---------------------------------------------------------------------------------------------
-def run_weights(run_dir: str, checkpoint: str = "auto") -> dict[str, torch.Tensor]:
-    """The consolidated EMA weights of a run's checkpoint ("auto": the newest complete one; or a
-    tag / path), re-assembled from the per-rank EMA files (any ZeRO stage, any world size)."""
-    from . import checkpoint as ckpt
-    try:   # the export module owns consolidation once it exists
-        from .export import consolidate_ema as _consolidate   # type: ignore
-    except Exception:
-        _consolidate = None
-    directory = ckpt.ckpt_dir(run_dir)
-    tag_dir = ckpt.find_resume(directory, checkpoint or "auto")
-    if tag_dir is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under {directory}")
-    if _consolidate is not None:
-        return _consolidate(tag_dir)
-    from .engine import EMA   # engine imports deepspeed only inside train()
-    meta = ckpt.read_meta(tag_dir)
-    files = [ckpt.ema_file(tag_dir, r) for r in range(meta["world_size"])]
-    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files if os.path.isfile(f)]
-    if not shards:
-        raise FileNotFoundError(f"{tag_dir}: no EMA files (ema-rank*.pt)")
-    return EMA.full_state(shards, meta["shapes"], meta["ema_partitioned"])
-
-
-def _exported_weights(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    files = sorted(glob.glob(os.path.join(path, "**", "*.safetensors"), recursive=True))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors files")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_file(f))
+def run_weights(run_dir: str, checkpoint: Optional[str] = None, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """The consolidated weights of a run's checkpoint (None: the newest valid one; or a tag / path):
+    ``framework.export.consolidate`` (EMA by default; ZeRO 0-3, any world size)."""
+    from .export import consolidate
+    sd, _ = consolidate(run_dir, tag=None if checkpoint in (None, "", "auto") else checkpoint, weights=weights)
     return sd
 
 
+def export_classifier(run_dir: str, out: str, checkpoint: Optional[str] = None, weights: str = "ema",
+                      overwrite: bool = False) -> dict:
+    """A task=classifier run -> an inference directory like ``framework.export.export``'s:
+    ``out/model.safetensors`` (the NoisyClassifier state dict, fp32) and ``out/config.yaml``
+    (format, model class, image, unet, diffusion, classifier, export provenance). Written into a
+    temporary sibling and renamed. Returns the export summary."""
+    import shutil
+
+    import yaml
+
+    from .config import from_dict, to_dict
+    from .export import FORMAT, checkpoint_config, consolidate, find_checkpoint, save_state_dict
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists (pass overwrite=True)")
+    tag_dir = find_checkpoint(run_dir, None if checkpoint in (None, "", "auto") else checkpoint)
+    cfg = from_dict(checkpoint_config(tag_dir))
+    if cfg.task != "classifier":
+        raise ValueError(f"{tag_dir}: task={cfg.task!r}, not a classifier")
+    sd, info = consolidate(tag_dir, weights=weights)
+    with torch.device("meta"):
+        ref = NoisyClassifier(cfg.unet, cfg.classifier).state_dict()
+    if set(ref) != set(sd):
+        raise KeyError(f"{tag_dir}: weights do not match NoisyClassifier(cfg): missing "
+                       f"{sorted(set(ref) - set(sd))[:5]}, unexpected {sorted(set(sd) - set(ref))[:5]}")
+    summary = {"weights": weights, "tag": info["tag"], "step": info["step"], "checkpoint": tag_dir}
+    d = to_dict(cfg)
+    config = {"format": FORMAT, "task": "classifier",
+              "model": {"class": "framework.classifier.NoisyClassifier", "weights": "model", "dtype": "fp32"},
+              "image": {"size": cfg.data.image_size, "channels": cfg.unet.in_channels},
+              "unet": d["unet"], "diffusion": d["diffusion"], "classifier": d["classifier"], "export": summary}
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_state_dict({k: sd[k].float() for k in ref}, tmp, "model", metadata={"task": "classifier"})
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False, default_flow_style=None)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dict(summary, out=out)
+
+
 def load_classifier(path: str, device: Union[str, torch.device] = "cpu",
-                    dtype: torch.dtype = torch.float32, checkpoint: str = "auto"):
+                    dtype: torch.dtype = torch.float32, checkpoint: Optional[str] = None):
     """A trained NoisyClassifier, frozen (eval, requires_grad False), and its config.
 
-    path: a run directory (config.yaml + checkpoints/: the EMA weights of `checkpoint`) or an
-    exported directory (config.yaml + *.safetensors). The config must have task=classifier.
-    Returns (model, cfg)."""
-    from .config import load_config
+    path: a task=classifier run directory (the EMA weights of its newest valid checkpoint, or of
+    `checkpoint`) or an exported directory (``export_classifier``). Returns (model, cfg) with cfg a
+    ``Config`` (from an export: its unet, diffusion and classifier sections)."""
+    import yaml
+
+    from .config import Config, DiffusionConfig, from_dict
     cfg_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.yaml (expected a run or an exported directory)")
-    cfg = load_config(cfg_path)
-    if cfg.task != "classifier":
-        raise ValueError(f"{path}: task={cfg.task!r}, not a classifier (train it with task=classifier)")
-    if os.path.isdir(os.path.join(path, "checkpoints")) and not glob.glob(os.path.join(path, "*.safetensors")):
+    with open(cfg_path) as f:
+        raw = yaml.safe_load(f) or {}
+    if "format" in raw:                                   # an export directory
+        if raw.get("task") != "classifier":
+            raise ValueError(f"{path}: an export of a {raw.get('task', 'diffusion')!r} model, not a classifier")
+        from .export import load_state_dict_dir
+        cfg = Config(task="classifier", unet=from_dict(raw["unet"], UNetConfig),
+                     diffusion=from_dict(raw["diffusion"], DiffusionConfig),
+                     classifier=from_dict(raw["classifier"], ClassifierConfig))
+        sd = load_state_dict_dir(path, raw["model"].get("weights", "model"))
+    else:                                                 # a run directory
+        cfg = from_dict(raw)
+        if cfg.task != "classifier":
+            raise ValueError(f"{path}: task={cfg.task!r}, not a classifier (train it with task=classifier)")
         sd = run_weights(path, checkpoint)
-    else:
-        sd = _exported_weights(path)
-    sd = {k[len("classifier."):] if k.startswith("classifier.") else k: v for k, v in sd.items()}
     model = NoisyClassifier(cfg.unet, cfg.classifier)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
@@ -301,17 +334,31 @@ class ClassifierGuide:
       classifier_scale=scale)``; ``sample(...)`` dispatches on form "eps" / "mean".
     """
 
-    def __init__(self, model: nn.Module, class_names: Sequence[str] = ()):
+    def __init__(self, model: nn.Module, class_names: Sequence[str] = (), diffusion=None):
         self.model = model.eval().requires_grad_(False)
         self.class_names = list(class_names)
+        self.diffusion = diffusion            # the DiffusionConfig it was trained with (if known)
         self.num_classes = model.num_classes if hasattr(model, "num_classes") else None
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
 
     @classmethod
-    def load(cls, path: str, device="cpu", dtype=torch.float32, checkpoint: str = "auto") -> "ClassifierGuide":
+    def load(cls, path: str, device="cpu", dtype=torch.float32, checkpoint: Optional[str] = None) -> "ClassifierGuide":
         model, cfg = load_classifier(path, device, dtype, checkpoint)
-        return cls(model, cfg.classifier.class_names)
+        return cls(model, cfg.classifier.class_names, cfg.diffusion)
+
+    def check_schedule(self, sched) -> None:
+        """Raise if the classifier was trained on other noise levels than ``sched`` (t indexes abar_t:
+        the same t must mean the same noise level for the classifier and the diffusion model)."""
+        d = self.diffusion
+        if d is None:
+            return
+        mine = (d.timesteps, d.schedule) + ((d.beta_start, d.beta_end) if d.schedule == "linear" else ())
+        theirs = (sched.T, sched.kind) + ((sched.beta_start, sched.beta_end) if sched.kind == "linear" else ())
+        if tuple(map(str, mine)) != tuple(map(str, theirs)):
+            raise ValueError(f"the classifier was trained on the schedule {mine} (timesteps, kind[, beta_start, "
+                             f"beta_end]) but the diffusion model uses {theirs}: train the classifier with the "
+                             f"model's diffusion settings")
 
     def labels(self, y, batch: int) -> torch.Tensor:
         """y (int, name, list or tensor) -> (batch,) int64 on the classifier's device."""
@@ -342,6 +389,62 @@ class ClassifierGuide:
     def eps_model(self, model_fn: Callable, y, scale: float, sched) -> Callable:
         from .sampling import classifier_guided_model
         return classifier_guided_model(model_fn, self.log_prob_fn, y, scale, sched)
+
+    def mean_shift_model(self, model_fn: Callable, y, scale: float, sched) -> Callable:
+        """The lecture's ancestral mean shift as a model function, for samplers that take only a
+        model function (``Pipeline(model_wrapper=...)``): with mu = mu_theta(x_t, t) and
+        g = grad log p(y | x_{t-1} = mu) at noise level t - 1 (``ddpm_sample``'s convention),
+
+            mu_hat = mu + scale * beta_tilde_t * g  <=>  eps_hat = eps - scale * beta_tilde_t * g / (r_t e_t)
+
+        (mu_theta = r_t (x_t - e_t eps) is linear in eps; r_t = 1/sqrt(alpha_t),
+        e_t = beta_t/sqrt(1 - abar_t)). Exact under ``ddpm_sample`` (all T steps, no clip_x0): it
+        then equals ``ddpm_sample(model_fn, ..., classifier_grad=grad_fn(y), classifier_scale=scale)``.
+        Not the mean shift under DDIM's strided steps, nor with clip_x0 (the clamp of x_0 is not linear
+        in eps): use the eps form there."""
+        from .diffusion import _check_sched, check_t, p_mean_from_eps
+        from .sampling import _check_scale
+        _check_sched(sched)
+        scale = _check_scale("classifier scale", scale)
+        grad = self.grad_fn(y)
+
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            eps = model_fn(x, t)
+            if scale == 0.0:
+                return eps
+            t = check_t(sched, t, x)
+            var = sched.gather(sched.beta_tilde, t, x)                                  # (B,1,1,1)
+            if not bool((var > 0).any()):                                              # t = 1: no shift
+                return eps
+            mu = p_mean_from_eps(eps.to(x.dtype), x, t, sched)                          # mu_theta(x_t, t)
+            g = grad(mu, (t - 1).clamp(min=1))                                         # at level t - 1
+            coef = sched.gather(sched.recip_sqrt_alpha, t, x) * sched.gather(sched.eps_coef, t, x)
+            return eps - (scale * var / coef * g).to(eps.dtype)
+
+        return fn
+
+    def prompt_wrapper(self, scale: float, sched, form: str = "eps", y=None) -> Callable:
+        """``wrap(model_fn, prompts) -> model_fn`` for ``Pipeline(model_wrapper=...)`` /
+        ``evaluate.guidance_sweep``: classifier guidance on top of the (classifier-free guided or
+        null-conditioned) model function, towards class ``y`` (an index or name, a list, or None:
+        the class each prompt names, through the classifier's class_names)."""
+        if form not in ("eps", "mean"):
+            raise ValueError(f"classifier guidance form must be 'eps' or 'mean', got {form!r}")
+
+        def wrap(model_fn: Callable, prompts) -> Callable:
+            labels = y
+            if labels is None:
+                if not self.class_names:
+                    raise ValueError("this classifier has no class_names: give the class explicitly")
+                labels = labels_from_captions(list(prompts), self.class_names)
+            elif isinstance(labels, (int, str)):
+                labels = [labels] * len(prompts)
+            labels = self.labels(list(labels), len(prompts))
+            if form == "eps":
+                return self.eps_model(model_fn, labels, scale, sched)
+            return self.mean_shift_model(model_fn, labels, scale, sched)
+
+        return wrap
 
     def sample(self, model_fn: Callable, x_T: torch.Tensor, sched, y, scale: float, form: str = "eps",
                sampler: str = "ddpm", steps: int = 50, eta: float = 0.0,
@@ -408,3 +511,65 @@ def held_out(data_cfg, n: int, cls_cfg: Optional[ClassifierConfig] = None, batch
     finally:
         loader.close()
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# The guided-accuracy sweep over classifier scales (framework.evaluate's, one curve per form)
+# ---------------------------------------------------------------------------------------------
+def classifier_guidance_sweep(pipe, eval_model, guide: ClassifierGuide, scales: Sequence[float], real: dict,
+                              form: str = "eps", cfg_scale: float = 0.0, name: Optional[str] = None,
+                              cache: Optional[dict] = None, **sweep_kwargs) -> dict:
+    """``evaluate.guidance_sweep`` with classifier guidance on top: for each classifier scale s, the
+    pipeline's model at classifier-free scale ``cfg_scale`` (0: THE null condition, i.e. an
+    unconditional model), corrected towards each prompt's class (form "eps" or "mean"; "mean" needs
+    sampler="ddpm"), evaluated by the independent ``eval_model``. Points carry x = s under "gamma"
+    (so ``evaluate.plot_sweep`` draws it next to a CFG curve) and "classifier_scale", "cfg_scale".
+    ``cache``: a dict shared between calls: the unguided s = 0 point (same CFG scale and clipping) is
+    computed once for both forms.
+    -> {"name", "points", "curve", "grids"} as ``guidance_sweep``."""
+    from .evaluate import guidance_sweep
+    guide.check_schedule(pipe.sched)
+    if form == "mean":   # the lecture's mean shift is exact on the plain (unclipped) ancestral sampler
+        if sweep_kwargs.get("sampler", "ddim") != "ddpm":
+            raise ValueError("the mean-shift form of classifier guidance is ancestral: use sampler='ddpm'")
+        if sweep_kwargs.setdefault("clip_x0", None) is not None:
+            raise ValueError("the mean-shift form needs the unclipped sampler (clip_x0=None)")
+    name = name or f"classifier guidance ({form}{', CFG %g' % cfg_scale if cfg_scale else ''})"
+    points, grids = [], {}
+    for s in scales:
+        key = (float(cfg_scale), float(s), repr(sweep_kwargs.get("clip_x0", "auto")))
+        if s == 0 and cache is not None and key in cache:
+            pt, grid = cache[key]
+        else:
+            wrapper = None if s == 0 else guide.prompt_wrapper(float(s), pipe.sched, form=form)
+            res = guidance_sweep(pipe, eval_model, [float(cfg_scale)], real, name=name,
+                                 model_wrapper=wrapper, **sweep_kwargs)
+            pt, grid = res["points"][0], res["grids"][float(cfg_scale)]
+            if s == 0 and cache is not None:
+                cache[key] = (pt, grid)
+        pt = dict(pt, gamma=float(s), classifier_scale=float(s), cfg_scale=float(cfg_scale), form=form)
+        points.append(pt)
+        grids[float(s)] = grid
+    curve = {"name": name, "points": points}
+    settings = {k: v for k, v in sweep_kwargs.items() if isinstance(v, (int, float, str))}
+    settings.update(form=form, cfg_scale=float(cfg_scale), classifier_scales=[float(s) for s in scales])
+    return {"name": name, "points": points, "curve": curve, "grids": grids, "settings": settings}
+
+
+class ClassifierGuidanceMethod:
+    """A named curve of ``tools/evaluate.py`` that sweeps the CLASSIFIER scale (at a fixed
+    classifier-free scale, 0 = the null condition): ``method.sweep(pipe, eval_model, scales, real,
+    name=..., **guidance_sweep kwargs)`` -> ``classifier_guidance_sweep``'s result."""
+
+    def __init__(self, guide: ClassifierGuide, form: str = "eps", cfg_scale: float = 0.0):
+        if form not in ("eps", "mean"):
+            raise ValueError(f"classifier guidance form must be 'eps' or 'mean', got {form!r}")
+        self.guide, self.form, self.cfg_scale = guide, form, float(cfg_scale)
+        self.cache: dict = {}
+
+    def sweep(self, pipe, eval_model, scales: Sequence[float], real: dict, name: Optional[str] = None,
+              model_wrapper=None, **kw) -> dict:
+        if model_wrapper is not None:
+            raise ValueError("classifier guidance builds its own model wrapper")
+        return classifier_guidance_sweep(pipe, eval_model, self.guide, scales, real, form=self.form,
+                                         cfg_scale=self.cfg_scale, name=name, cache=self.cache, **kw)

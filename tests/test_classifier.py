@@ -19,23 +19,16 @@ import pytest
 import torch
 
 from framework.classifier import (ClassifierGuide, NoisyClassifier, accuracy_by_t, batch_labels,
-                                  class_index, labels_from_captions, load_classifier)
+                                  class_index, export_classifier, labels_from_captions,
+                                  load_classifier)
 from framework.config import ClassifierConfig, load_config
 from framework.diffusion import Schedule, q_sample
-from framework.sampling import cfg_model, classifier_guided_model, ddim_sample, ddpm_sample
+from framework.sampling import cfg_model, ddim_sample, ddpm_sample
 from framework.shards import FASHION_CLASSES
 from framework.unet import UNet
 from tests._fixtures import CLASSES, class_image, write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(*overrides):
@@ -155,6 +148,29 @@ def test_gradients_flow_only_into_x_both_forms():
     assert all(not p.requires_grad for p in params)
     with pytest.raises(ValueError, match="ddpm"):
         guide.sample(base, x_T, sched, y, 1.0, form="mean", sampler="ddim")
+
+
+def test_mean_shift_as_model_wrapper_equals_ddpm_classifier_grad():
+    """The ancestral mean shift as an eps correction (for Pipeline model_wrapper) is exactly
+    ddpm_sample(classifier_grad=...); the prompt wrapper reads each prompt's class."""
+    cfg = _cfg()
+    guide = _random_guide(cfg)
+    sched = Schedule(12, "cosine")
+    base = lambda x, t: 0.2 * x + 0.05                   # noqa: E731
+    x_T = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 5, 8])
+    ref = ddpm_sample(base, x_T, sched, torch.Generator().manual_seed(2), classifier_grad=guide.grad_fn(y),
+                      classifier_scale=4.0)
+    got = ddpm_sample(guide.mean_shift_model(base, y, 4.0, sched), x_T, sched, torch.Generator().manual_seed(2))
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    wrap = guide.prompt_wrapper(4.0, sched, form="mean")
+    via_prompts = ddpm_sample(wrap(base, ["a photo of a trouser", "a sandal", "a bag"]), x_T, sched,
+                              torch.Generator().manual_seed(2))
+    assert torch.allclose(via_prompts, ref, atol=1e-5)
+    eps_wrap = guide.prompt_wrapper(4.0, sched, form="eps", y="sandal")
+    assert torch.allclose(eps_wrap(base, ["x"] * 3)(x_T, torch.tensor([6, 6, 6])),
+                          guide.eps_model(base, 5, 4.0, sched)(x_T, torch.tensor([6, 6, 6])))
+    assert all(p.grad is None for p in guide.model.parameters())
 
 
 def test_guidance_on_text_model_with_and_without_cfg():
@@ -290,6 +306,33 @@ def test_trainer_task_classifier_1_rank_captions_equals_zero3_2_ranks_json(tmp_p
     for k in sd1:
         assert torch.allclose(sd1[k], sd3[k], atol=1e-5), k
     assert not m1.training and not any(p.requires_grad for p in m1.parameters())
+    # an exported classifier (safetensors + config.yaml) loads to the same weights
+    export_classifier(str(tmp_path / "z3"), str(tmp_path / "z3-export"))
+    me, ce = load_classifier(str(tmp_path / "z3-export"))
+    assert ce.classifier.num_classes == 10 and ce.diffusion.timesteps == c3.diffusion.timesteps
+    assert all(torch.equal(me.state_dict()[k], sd3[k]) for k in sd3)
+    # tools/sample.py's classifier flags: the wrapper on top of the (CFG) model function
+    from types import SimpleNamespace
+
+    from framework.config import SampleConfig
+    from tools import sample as S
+    pipe = SimpleNamespace(device=torch.device("cpu"), channels=1, sched=Schedule.from_config(c1.diffusion),
+                           defaults=SampleConfig())
+    argv = ["EXPORT", "--guidance", "0", "--classifier", str(tmp_path / "one"), "--classifier-scale", "2"]
+    mean = ["--sampler", "ddpm", "--no-clip", "--classifier-form", "mean"]
+    wrap = S.guidance_wrapper(S.build_parser().parse_args(argv + mean), pipe)
+    base = lambda x, t: 0.1 * x                           # noqa: E731
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 5])
+    assert wrap(base, ["a photo of a bag", "a dress"])(x, t).shape == x.shape
+    eps_wrap = S.guidance_wrapper(S.build_parser().parse_args(argv + ["--classifier-class", "bag"]), pipe)
+    guide = ClassifierGuide(m1, c1.classifier.class_names)
+    assert torch.allclose(eps_wrap(base, ["x", "y"])(x, t), guide.eps_model(base, 8, 2.0, pipe.sched)(x, t))
+    assert S.guidance_wrapper(S.build_parser().parse_args(["EXPORT"]), pipe) is None
+    for missing in (["--sampler", "ddpm"], ["--no-clip"]):        # the plain ancestral sampler only
+        with pytest.raises(SystemExit, match="--sampler ddpm --no-clip"):
+            S.guidance_wrapper(S.build_parser().parse_args(argv + missing + ["--classifier-form", "mean"]), pipe)
+    with pytest.raises(SystemExit, match="schedule"):
+        S.guidance_wrapper(S.build_parser().parse_args(argv), SimpleNamespace(**{**vars(pipe), "sched": Schedule(50)}))
     # the JSON accuracy tool runs on it (labels from captions through the run's class_names)
     out = tmp_path / "acc.json"
     from tools.classifier import main
@@ -297,3 +340,58 @@ def test_trainer_task_classifier_1_rank_captions_equals_zero3_2_ranks_json(tmp_p
           "--n", "20", "--t", "1,50,100", "--out", str(out), "--threads", "1"])
     curve = json.loads(out.read_text())
     assert curve["t"] == [1, 50, 100] and curve["n"] == 20 and len(curve["accuracy"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation sweep over classifier scales (random pipeline: bookkeeping, not quality)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
+                    reason="needs Debian's dataset-fashion-mnist")
+def test_classifier_guidance_sweep_bookkeeping(tmp_path):
+    from framework import evaluate as V
+    from framework.classifier import ClassifierGuidanceMethod
+    from framework.config import DiffusionConfig, SampleConfig, TextConfig, UNetConfig
+    from framework.export import Pipeline
+    from framework.text import TextEncoder
+    from tests._fixtures import tiny_encoder
+
+    enc = TextEncoder(TextConfig(encoder=tiny_encoder(str(tmp_path / "enc")), max_length=8), device="cpu")
+    torch.manual_seed(0)
+    ucfg = UNetConfig(in_channels=1, channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[],
+                      mid_attention=False, context_dim=enc.dim, groups=8)
+    unet = UNet(ucfg).eval()
+    for p in unet.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    dcfg = DiffusionConfig(timesteps=8, beta_end=0.5)
+    pipe = Pipeline(unet, enc, enc.null(1), Schedule.from_config(dcfg),
+                    {"image": {"size": 16, "channels": 1}, "sample": vars(SampleConfig())},
+                    torch.device("cpu"), torch.float32)
+    m = NoisyClassifier(ucfg, ClassifierConfig(num_classes=10, class_names=list(FASHION_CLASSES)))
+    with torch.no_grad():
+        m.head.weight.normal_(0, 0.5)
+    guide = ClassifierGuide(m, FASHION_CLASSES, dcfg)
+    clf = V.Classifier().eval()
+    xte, _ = V.load_fashion("test")
+    real = {"features": V.features(clf, V.to_input(xte[:300])), "diversity_real": 1.0,
+            "train_images": xte[300:600], "model": clf, "seed": 0, "_floor": {}}
+    kw = dict(per_class=1, sampler="ddpm", batch_size=10, grid_per_class=1, clip_x0=None)
+    res = {}
+    for form in ("eps", "mean"):
+        method = ClassifierGuidanceMethod(guide, form=form)
+        res[form] = method.sweep(pipe, clf, [0.0, 5.0], real, **kw)
+        pts = res[form]["points"]
+        assert [p["gamma"] for p in pts] == [0.0, 5.0] == [p["classifier_scale"] for p in pts]
+        assert all(p["cfg_scale"] == 0.0 and p["n"] == 10 and p["form"] == form for p in pts)
+        assert res[form]["settings"]["form"] == form and res[form]["grids"][5.0][0].shape == (10, 1, 16, 16)
+    # s = 0 is the unguided model for both forms; s > 0 changes the samples
+    assert torch.equal(res["eps"]["grids"][0.0][0], res["mean"]["grids"][0.0][0])
+    assert not torch.equal(res["eps"]["grids"][0.0][0], res["eps"]["grids"][5.0][0])
+    with pytest.raises(ValueError, match="ddpm"):
+        ClassifierGuidanceMethod(guide, form="mean").sweep(pipe, clf, [1.0], real, per_class=1, sampler="ddim")
+    with pytest.raises(ValueError, match="unclipped"):
+        ClassifierGuidanceMethod(guide, form="mean").sweep(pipe, clf, [1.0], real, **{**kw, "clip_x0": 1.0})
+    bad = ClassifierGuide(m, FASHION_CLASSES, DiffusionConfig(timesteps=9))
+    with pytest.raises(ValueError, match="schedule"):
+        ClassifierGuidanceMethod(bad).sweep(pipe, clf, [1.0], real, **kw)
+    assert all(p.grad is None for p in m.parameters())
