@@ -47,12 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- further guidance methods (e.g. --classifier DIR --classifier-scale G) -------------------------
 def add_method_args(p: argparse.ArgumentParser) -> None:
     """Flags of further methods go here."""
+    g = p.add_argument_group("classifier guidance curve (docs/classifier_guidance.md)")
+    g.add_argument("--classifier", default=None,
+                   help="noisy classifier (task=classifier run or export): adds a classifier-guidance curve")
+    g.add_argument("--classifier-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0],
+                   help="classifier scales of that curve")
+    g.add_argument("--classifier-form", choices=["eps", "mean"], default="eps",
+                   help="eps correction (any sampler) or the ancestral mean shift (--sampler ddpm, unclipped)")
+    g.add_argument("--classifier-cfg", type=float, default=0.0,
+                   help="classifier-free scale under the classifier curve (0: the null condition)")
 
 
 def methods(args, pipe) -> list[tuple[str, list[float], Optional[Callable]]]:
     """The curves of the sweep: (name, scales, model_wrapper). CFG sweeps its guidance scale; a method
-    added here (e.g. classifier guidance on top of CFG at a fixed scale) gets its own named curve."""
-    return [("classifier-free guidance", list(args.gammas), None)]
+    added here (e.g. classifier guidance on top of CFG at a fixed scale) gets its own named curve.
+    A third element with a ``sweep`` method sweeps its own scale (classifier guidance: the classifier
+    scale at a fixed CFG scale, ``framework.classifier.ClassifierGuidanceMethod``)."""
+    out = [("classifier-free guidance", list(args.gammas), None)]
+    if getattr(args, "classifier", None):
+        from framework.classifier import ClassifierGuidanceMethod, ClassifierGuide
+        guide = ClassifierGuide.load(args.classifier, device=pipe.device)
+        name = f"classifier guidance ({args.classifier_form}" + \
+            (f", CFG {args.classifier_cfg:g})" if args.classifier_cfg else ", unconditional)")
+        out.append((name, list(args.classifier_scales),
+                    ClassifierGuidanceMethod(guide, args.classifier_form, args.classifier_cfg)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,10 +96,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     pipe = Pipeline.from_pretrained(args.export, device=args.device)
     curves, runs = [], []
     for name, scales, wrapper in methods(args, pipe):
-        res = V.guidance_sweep(pipe, clf, scales, real, per_class=args.per_class, steps=args.steps,
-                               sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, name=name,
-                               model_wrapper=wrapper, progress=not args.quiet,
-                               **({"clip_x0": None} if args.no_clip else {}))
+        own = getattr(wrapper, "sweep", None)          # a method that sweeps its own scale
+        sweep, wrapper = (own, None) if own is not None else (V.guidance_sweep, wrapper)
+        res = sweep(pipe, clf, scales, real, per_class=args.per_class, steps=args.steps,
+                    sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, name=name,
+                    model_wrapper=wrapper, progress=not args.quiet,
+                    **({"clip_x0": None} if args.no_clip else {}))
         curves.append(res["curve"])
         grids = {}
         slug = "" if len(runs) == 0 else "_" + "".join(ch if ch.isalnum() else "-" for ch in name)
