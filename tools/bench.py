@@ -1,0 +1,999 @@
+"""Speed of the whole stack, as JSON lines: training step, CFG sampling, FLOPs, data, vs diffusers.
+
+    python -m tools.bench                                  # CPU: tiny preset, all sections
+    python -m tools.bench --presets tiny,base64,sd2        # CUDA default; on CPU give --batch small
+    python -m tools.bench --presets sd2 --sections flops   # FLOPs ours vs diffusers (meta device, ~s)
+    python -m tools.bench --variants base,channels_last,compile --out bench.jsonl
+    python -m tools.bench --presets tiny --steps 2 --quick # smoke run (what the test runs)
+
+Sections (``--sections``, default all):
+
+- ``peak``: a square matmul (fp32 on CPU, bf16 on CUDA), the ceiling MFU is taken against. Every
+  training/sampling record also measures its own peak right before it (the load on a shared CPU
+  moves), and its ``mfu`` uses that one.
+- ``flops``: FLOPs per image of one forward and one forward+backward (matmul, conv and attention
+  FLOPs by ``torch.utils.flop_counter.FlopCounterMode``), ours vs diffusers' ``UNet2DConditionModel``
+  with the equivalent config (``framework.unet.diffusers_config``), counted on the meta device. The
+  SD2 preset is always counted (the issue asks ours = diffusers within 2%).
+- ``train``: the step of ``framework.engine.train``: q_sample, eps_theta, L_simple, engine.backward,
+  engine.step (DeepSpeed ZeRO-2, torch AdamW passed in (fused on CUDA), bf16 on CUDA / fp32 on CPU,
+  gradient clipping 1.0), EMA update; for our UNet and for diffusers' UNet (wrapped so it takes the
+  same arguments) under the SAME engine config. ``--engine torch`` runs both under plain torch
+  instead (AdamW, clip, autocast bf16 on CUDA). Each ``--variants`` entry is applied to both models:
+  ``base``, ``channels_last`` (the input x_t channels_last, as engine.channels_last does),
+  ``compile`` (torch.compile of the engine, as engine.compile does), ``ckpt`` (activation
+  checkpointing), combined with ``+`` (``channels_last+compile``). Default: CUDA
+  base,channels_last,compile; CPU base,channels_last (compiling takes minutes per model there).
+- ``sample``: DDIM with classifier-free guidance (cond and uncond in one batched forward,
+  ``framework.sampling.cfg_model``): images/s, ours vs diffusers (bf16 on CUDA, fp32 on CPU;
+  channels_last converts weights and input, as ``framework.export.Pipeline`` does).
+- ``data``: ``tools.bench_data`` (shards decoded+augmented+batched vs bare PIL decode).
+
+Pairing. One process builds several (model, variant) runners one after the other, then times them
+interleaved (round i starts at runner i, directions alternate), so a change of load on a shared
+machine hits all alike; ``ratio`` (ours over diffusers at one variant) and ``variants`` (each
+variant over base) records are medians of per-round ratios. ``--group preset`` (CPU default) puts
+every variant of a preset in one process; ``--group variant`` (CUDA default: SD2 engines are
+large) one variant, ours and diffusers, per process (variant speedups then come from separate
+processes: ``"paired": false``). Each group runs in its own subprocess (``--isolate``, default; off
+with ``--quick``). Peak memory per runner covers its build and warmup, above what the process held
+before: CUDA ``max_memory_allocated``; CPU the peak RSS (VmHWM, reset through
+``/proc/self/clear_refs``). Timings: ``--warmup`` untimed steps (one more under compile), then
+``--steps`` timed steps, each synchronised; the median is reported (and min, max, all).
+``--threads 1`` on a shared, oversubscribed CPU (see docs/benchmarks.md).
+Every record carries the machine's load average: on a shared machine compare numbers from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any, Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:                 # `python tools/bench.py` as well as `python -m tools.bench`
+    sys.path.insert(0, ROOT)
+PRESET_DIR = os.path.join(ROOT, "configs", "unet")
+RESULT_TAG = "BENCH_RESULT "
+
+# Input shapes per preset: (C, H, W) of x_t, (L, D) of the text context (D from the preset).
+PRESETS = {
+    "tiny": dict(hw=32, ctx_len=77),       # 32x32 RGB pixels
+    "base64": dict(hw=64, ctx_len=77),     # 64x64 RGB pixels (the pixel-space base model)
+    "sd2": dict(hw=32, ctx_len=77),        # 32x32x4 latents, 77x1024 OpenCLIP tokens
+}
+
+# Defaults per device kind; --batch / --steps / ... override. CPU numbers keep a run in minutes.
+DEFAULTS = {
+    "cpu": dict(presets=["tiny"], batch={"tiny": 32, "base64": 2, "sd2": 1},
+                warmup={"tiny": 2, "base64": 1, "sd2": 1}, steps={"tiny": 10, "base64": 2, "sd2": 2},
+                sample_batch={"tiny": 8, "base64": 1, "sd2": 1}, sample_steps=10, sample_repeats=3,
+                peak_n=2048, variants=["base", "channels_last"]),     # compile: minutes per model on CPU
+    "cuda": dict(presets=["sd2", "base64", "tiny"], batch={"tiny": 256, "base64": 64, "sd2": 64},
+                 warmup={"tiny": 3, "base64": 3, "sd2": 3}, steps={"tiny": 10, "base64": 10, "sd2": 10},
+                 sample_batch={"tiny": 32, "base64": 32, "sd2": 32}, sample_steps=50, sample_repeats=2,
+                 peak_n=8192, variants=["base", "channels_last", "compile"]),
+}
+QUICK = dict(batch=4, warmup=1, sample_batch=2, sample_steps=2, sample_repeats=1, peak_n=256)
+VARIANT_PARTS = ("base", "channels_last", "compile", "ckpt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return []
+
+
+def machine_info(device_kind: str) -> dict:
+    import torch
+    info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(), "processor": platform.processor()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+    except OSError:  # pragma: no cover
+        pass
+    try:
+        import deepspeed
+        info["deepspeed"] = deepspeed.__version__
+    except Exception:  # pragma: no cover
+        info["deepspeed"] = None
+    try:
+        import importlib.metadata as md
+        info["diffusers"] = md.version("diffusers")
+    except Exception:
+        info["diffusers"] = None
+    if device_kind == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def parse_variant(v: str) -> frozenset:
+    parts = frozenset(p for p in v.split("+") if p and p != "base")
+    bad = sorted(parts - set(VARIANT_PARTS))
+    if bad:
+        raise ValueError(f"unknown variant part(s) {bad} in {v!r}: use {'/'.join(VARIANT_PARTS)} joined by '+'")
+    return parts
+
+
+def unet_config(preset: str):
+    from framework.config import load_config
+    path = os.path.join(PRESET_DIR, f"{preset}.yaml")
+    if not os.path.isfile(path):
+        raise ValueError(f"no preset {preset!r} in {PRESET_DIR}")
+    return load_config(path).unet
+
+
+def input_shapes(preset: str) -> tuple[tuple[int, int, int], tuple[int, int]]:
+    cfg = unet_config(preset)
+    p = PRESETS.get(preset, dict(hw=32, ctx_len=77))
+    return (cfg.in_channels, p["hw"], p["hw"]), (p["ctx_len"], cfg.context_dim)
+
+
+def has_diffusers() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("diffusers") is not None
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _r(x: Optional[float], nd: int = 4) -> Optional[float]:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return float(f"{x:.{nd}g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+def _diffusers_module():
+    import torch
+
+    class DiffusersUNet(torch.nn.Module):
+        """diffusers' UNet2DConditionModel behind our call signature model(x, t, ctx=, ctx_mask=)."""
+
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x, t, ctx=None, ctx_mask=None):
+            return self.unet(x, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask,
+                             return_dict=False)[0]
+
+    return DiffusersUNet
+
+
+def build_model(preset: str, which: str):
+    """Our UNet for the preset, or diffusers' with the equivalent config (wrapped to our signature)."""
+    cfg = unet_config(preset)
+    if which == "ours":
+        from framework.unet import UNet
+        return UNet(cfg)
+    if which == "diffusers":
+        from diffusers import UNet2DConditionModel
+
+        from framework.unet import diffusers_config
+        return _diffusers_module()(UNet2DConditionModel(**diffusers_config(cfg)))
+    raise ValueError(f"model must be ours or diffusers, got {which!r}")
+
+
+def set_checkpointing(model, which: str) -> None:
+    if which == "ours":
+        from framework.unet import apply_activation_checkpointing
+        apply_activation_checkpointing(model)
+    else:
+        model.unet.enable_gradient_checkpointing()
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------
+def _flop_counter():
+    """FlopCounterMode that also counts CPU's fused attention (torch registers formulas only for
+    the CUDA kernels, so on a CPU device attention would count 0; on meta it decomposes to bmm).
+    Model FLOPs: no recomputation (activation checkpointing, flash attention's backward) counted."""
+    import torch
+    from torch.utils import flop_counter as fcm
+    def fwd(query, key, value, *args, out_val=None, **kwargs):
+        return fcm.sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    def bwd(grad_out, query, key, value, *args, out_val=None, **kwargs):
+        # model FLOPs: 2 x forward (dQ, dK, dV, dP), as the meta count; torch's formula for the
+        # CUDA flash kernels adds the recomputed QK^T (2.5 x forward)
+        return 2 * fcm.sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    fwd._get_raw = bwd._get_raw = True          # take the tensors as they are (no shape wrapper)
+    custom = {}
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", fwd),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", bwd)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            custom[op] = fn
+    return fcm.FlopCounterMode(display=False, custom_mapping=custom)
+
+
+def count_flops(preset: str, which: str, batch: int = 1, device: str = "meta", backward: bool = True) -> dict:
+    """FLOPs per image of one forward and (backward=True) one forward+backward of the MSE loss.
+    On the meta device nothing is allocated or computed: the count costs the Python overhead only."""
+    import torch
+    (c, h, w), (L, D) = input_shapes(preset)
+    with torch.device(device):
+        model = build_model(preset, which)
+        x = torch.randn(batch, c, h, w)
+        t = torch.full((batch,), 500, dtype=torch.long)
+        ctx = torch.randn(batch, L, D)
+    with _flop_counter() as fc:
+        with torch.no_grad():
+            model(x, t, ctx=ctx)
+    out = {"fwd": fc.get_total_flops() / batch}
+    if backward:
+        with _flop_counter() as fc:
+            model(x, t, ctx=ctx).float().pow(2).mean().backward()
+        out["fwd_bwd"] = fc.get_total_flops() / batch
+    out["params"] = sum(p.numel() for p in model.parameters())
+    return out
+
+
+def flops_record(preset: str, with_diffusers: bool) -> dict:
+    (c, h, w), (L, D) = input_shapes(preset)
+    rec: dict[str, Any] = {"bench": "flops", "preset": preset, "input": [c, h, w], "context": [L, D],
+                           "counted_on": "meta", "per": "image"}
+    t0 = time.perf_counter()
+    ours = count_flops(preset, "ours")
+    rec.update(ours_fwd=ours["fwd"], ours_fwd_bwd=ours["fwd_bwd"], ours_params=ours["params"])
+    if with_diffusers:
+        theirs = count_flops(preset, "diffusers")
+        rec.update(diffusers_fwd=theirs["fwd"], diffusers_fwd_bwd=theirs["fwd_bwd"],
+                   diffusers_params=theirs["params"])
+        rec["rel_diff_fwd"] = _r((ours["fwd"] - theirs["fwd"]) / theirs["fwd"])
+        rec["rel_diff_fwd_bwd"] = _r((ours["fwd_bwd"] - theirs["fwd_bwd"]) / theirs["fwd_bwd"])
+        rec["within_2pct"] = abs(rec["rel_diff_fwd_bwd"]) < 0.02 and abs(rec["rel_diff_fwd"]) < 0.02
+    rec["count_s"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak matmul rate and memory
+# ---------------------------------------------------------------------------------------------
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakProbe:
+    """The ceiling MFU is taken against, measured in the same process and, interleaved with the
+    timed steps (one probe per round), under the same load: a square n x n x n matmul in ``dtype``
+    and, on CPU, a channels_last 3x3 convolution (oneDNN; on AMD CPUs MKL's sgemm reaches less than
+    oneDNN's convolutions, so the matmul alone would understate the ceiling). ``tflops`` is the
+    larger of the two medians."""
+
+    def __init__(self, device, dtype, n: int):
+        import torch
+        self.device, self.dtype, self.n = device, dtype, n
+        self.a = torch.randn(n, n, device=device, dtype=dtype)
+        self.b = torch.randn(n, n, device=device, dtype=dtype)
+        self.inner = 10 if device.type == "cuda" else 1
+        self.rates: dict[str, list[float]] = {"matmul": []}
+        self.conv = None
+        if device.type == "cpu":
+            ch = max(16, min(256, n // 8))
+            self.conv = torch.nn.Conv2d(ch, ch, 3, padding=1, bias=False).to(dtype=dtype)
+            self.x = torch.randn(4, ch, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            self.conv_flops = 2 * 4 * ch * ch * 9 * 32 * 32
+            self.rates["conv3x3"] = []
+
+    def __call__(self) -> None:
+        import torch
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(self.inner):
+            torch.mm(self.a, self.b)
+        _sync(self.device)
+        self.rates["matmul"].append(2 * self.n ** 3 * self.inner / (time.perf_counter() - t0) / 1e12)
+        if self.conv is not None:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                self.conv(self.x)
+            self.rates["conv3x3"].append(self.conv_flops / (time.perf_counter() - t0) / 1e12)
+
+    def result(self) -> dict:
+        med = {k: _median(v) for k, v in self.rates.items() if v}
+        best = max(med, key=med.get)
+        return {"dtype": str(self.dtype).replace("torch.", ""), "n": self.n, "tflops": _r(med[best]),
+                "kind": best, **{f"{k}_tflops": _r(v) for k, v in med.items()},
+                "probes": len(self.rates["matmul"])}
+
+
+def matmul_peak(device, dtype, n: int, warmup: int = 2, repeats: int = 5) -> dict:
+    """PeakProbe, `repeats` probes after `warmup` (the standalone ``peak`` section)."""
+    probe = PeakProbe(device, dtype, n)
+    for _ in range(warmup):
+        probe()
+    probe.rates = {k: [] for k in probe.rates}
+    for _ in range(repeats):
+        probe()
+    return probe.result()
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it began: CUDA max_memory_allocated, or
+    on CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs; without that, ru_maxrss
+    growth, which misses a peak below an earlier one)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    @staticmethod
+    def _status(key: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for ln in f:
+                    if ln.startswith(key + ":"):
+                        return int(ln.split()[1]) * 1024
+        except OSError:  # pragma: no cover
+            pass
+        return None
+
+    def __enter__(self):
+        import torch
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            self.kind = "cuda_max_memory_allocated"
+            return self
+        self.start = self._status("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")                       # reset the peak RSS (VmHWM) to the current RSS
+            self.kind = "rss_peak_above_start"
+        except OSError:
+            import resource
+            self.start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.kind = "ru_maxrss_growth"
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def result(self) -> dict:
+        import torch
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            return {"peak_mem_mb": round((peak - self.start) / 2 ** 20, 1), "mem_kind": self.kind}
+        if self.kind == "ru_maxrss_growth":
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        else:
+            peak = self._status("VmHWM") or 0
+        return {"peak_mem_mb": round(max(0, peak - (self.start or 0)) / 2 ** 20, 1), "mem_kind": self.kind}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement groups: one preset x one variant, both models built in one process, steps interleaved
+# ---------------------------------------------------------------------------------------------
+def _device(kind: str):
+    import torch
+    if kind == "cuda":
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _trim() -> None:
+    """Give freed heap back to the OS (glibc), so the next model's RSS growth is its own."""
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:  # pragma: no cover - not glibc
+        pass
+
+
+def _bench_config(preset: str, batch: int, parts: frozenset, device_kind: str):
+    from framework.config import Config
+    cfg = Config()
+    cfg.unet = unet_config(preset)
+    cfg.engine.micro_batch = batch
+    cfg.engine.zero_stage = 2
+    cfg.engine.channels_last = "channels_last" in parts
+    cfg.engine.compile = "compile" in parts
+    cfg.engine.activation_checkpointing = "ckpt" in parts
+    cfg.engine.device = device_kind
+    cfg.optim.warmup_steps = 0
+    return cfg
+
+
+def _key(model: str, variant: str) -> str:
+    return f"{model}/{variant}"
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], n: int, device) -> dict[str, list[float]]:
+    """n timed calls of each fn, round i starting at runner i (mod k) and alternating direction,
+    so every runner takes every position equally often and a change of machine load hits all."""
+    names = list(fns)
+    times = {m: [] for m in names}
+    k = len(names)
+    for i in range(n):
+        order = names[i % k:] + names[:i % k]
+        for m in (order if i % 2 == 0 else order[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[m]()
+            _sync(device)
+            times[m].append(time.perf_counter() - t0)
+    return times
+
+
+def _pair(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median, min, max over rounds of b_i / a_i: speed of a over b from times measured in the same round."""
+    rs = [y / x for x, y in zip(a, b) if x > 0]
+    return _median(rs), min(rs), max(rs)
+
+
+def _paired_summaries(spec: dict, times: dict[str, list[float]], per_run: int) -> list[dict]:
+    """From one group's interleaved times: ours over diffusers at each variant, and each variant over
+    base for each model (median of per-round ratios)."""
+    out = []
+    variants = list(dict.fromkeys(k.split("/", 1)[1] for k in times))
+    for v in variants:
+        o, d = times.get(_key("ours", v)), times.get(_key("diffusers", v))
+        if o and d:
+            med, lo, hi = _pair(o, d)
+            out.append({"bench": "ratio", "what": spec["bench"], "preset": spec["preset"], "variant": v,
+                        "ours_images_per_s": _r(per_run / _median(o)),
+                        "diffusers_images_per_s": _r(per_run / _median(d)),
+                        "ours_over_diffusers": _r(med), "ours_over_diffusers_min_max": [_r(lo), _r(hi)],
+                        "pairs": min(len(o), len(d)), "paired": True})
+    for m in ("ours", "diffusers"):
+        base = times.get(_key(m, "base"))
+        if not base:
+            continue
+        speed, spread = {}, {}
+        for v in variants:
+            tv = times.get(_key(m, v))
+            if v != "base" and tv:
+                med, lo, hi = _pair(tv, base)
+                speed[v], spread[v] = _r(med), [_r(lo), _r(hi)]
+        if speed:
+            best = max(speed, key=speed.get)
+            out.append({"bench": "variants", "what": spec["bench"], "preset": spec["preset"], "model": m,
+                        "base_images_per_s": _r(per_run / _median(base)), "speedup_vs_base": speed,
+                        "speedup_min_max": spread, "best": best if speed[best] > 1.0 else "base",
+                        "paired": True})
+    return out
+
+
+def _runners(spec: dict) -> list[tuple[str, str]]:
+    """(model, variant) pairs of a group, in spec order."""
+    return [(m, v) for m, v in spec["runners"]]
+
+
+def run_train(spec: dict) -> list[dict]:
+    """Training step of each (model, variant) in spec['runners'] at one preset, built in this process
+    one after the other (peak memory per runner: build + warmup), then timed interleaved.
+    spec = {preset, runners, batch, warmup, steps, device, engine ('deepspeed'|'torch'), ema, mask,
+    peak_n, flops_per_image: {model: fwd+bwd FLOPs}}."""
+    import torch
+
+    from framework import diffusion as D
+    from framework import engine as E
+
+    kind, preset = spec["device"], spec["preset"]
+    B = int(spec["batch"])
+    device = _device(kind)
+    if kind == "cuda":
+        torch.backends.cudnn.benchmark = True
+    cfg = _bench_config(preset, B, frozenset(), kind)
+    engine_kind = spec.get("engine", "deepspeed")
+    probe = PeakProbe(device, torch.bfloat16 if kind == "cuda" else torch.float32, spec["peak_n"])
+    probe()                                     # warm
+    probe.rates = {k: [] for k in probe.rates}
+    if engine_kind == "deepspeed":
+        denv = E.init_distributed(kind)
+        ds_config = E.build_ds_config(cfg, denv.world_size, kind)
+        dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+        precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    else:
+        dtype = torch.float32                   # plain torch: fp32 weights, autocast bf16 on CUDA
+        precision = "autocast-bf16" if kind == "cuda" else "fp32"
+    (c, h, w), (L, Dc) = input_shapes(preset)
+    sched = D.Schedule.from_config(cfg.diffusion)
+    g = torch.Generator(device=device).manual_seed(1)
+    x0 = torch.randn(B, c, h, w, generator=g, device=device)                   # one batch, reused
+    ctx = torch.randn(B, L, Dc, generator=g, device=device).to(dtype)
+    mask = None
+    if spec.get("mask"):
+        mask = torch.ones(B, L, dtype=torch.bool, device=device)
+        mask[:, L // 2:] = False
+
+    def build(which: str, parts: frozenset):
+        torch.manual_seed(0)
+        with torch.device(device):              # initialise on the GPU: seconds, not a minute, at SD2
+            model = build_model(preset, which)
+        if "ckpt" in parts:
+            set_checkpointing(model, which)
+        # channels_last as engine.train does it: the input only (the convolutions follow it);
+        # channels_last weights break deepspeed.initialize (its broadcast views them as uint8)
+        model = model.to(device)
+        optimizer = E._optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
+        if engine_kind == "deepspeed":
+            import deepspeed
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+            module = engine.module
+        else:
+            engine = module = model
+        forward = torch.compile(engine) if "compile" in parts else engine
+        ema = E.EMA(module, zero3=False) if spec.get("ema", True) else None
+        module.train()
+        gen = torch.Generator(device=device).manual_seed(3)    # the same t, eps stream for every runner
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if engine_kind == "torch" and kind == "cuda"
+                    else contextlib.nullcontext())
+        losses = []
+
+        def step() -> None:
+            t = torch.randint(1, sched.T + 1, (B,), generator=gen, device=device)
+            eps = torch.randn(x0.shape, generator=gen, device=device)
+            x_t = D.q_sample(sched, x0, t, eps)
+            if "channels_last" in parts:
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                out = forward(x_t.to(dtype), t, ctx=ctx, ctx_mask=mask).float()
+            loss = D.training_loss(sched, out, x0, t, eps).mean()
+            if engine_kind == "deepspeed":
+                engine.backward(loss)
+                engine.step()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(0.999)
+            losses.append(loss.item())          # the loop reads the loss every step too
+        opt_name = type(optimizer).__name__ + ("(fused)" if optimizer.defaults.get("fused") else "")
+        return step, losses, sum(p.numel() for p in module.parameters()), ema is not None, opt_name
+
+    runners = {}
+    for which, variant in _runners(spec):
+        parts = parse_variant(variant)
+        _trim()
+        with PeakMemory(device) as mem:         # build + warmup: weights, optimizer state, activations
+            step, losses, n_params, has_ema, opt_name = build(which, parts)
+            warm = _interleaved({"w": step}, spec["warmup"] + (1 if "compile" in parts else 0), device)["w"]
+        runners[_key(which, variant)] = dict(model=which, variant=variant, step=step, losses=losses,
+                                             params=n_params, ema=has_ema, optimizer=opt_name, warm=warm,
+                                             mem=mem.result())
+    times = _interleaved({**{k: r["step"] for k, r in runners.items()}, "peak": probe}, spec["steps"], device)
+    times.pop("peak")
+    peak = probe.result()
+
+    recs = []
+    for k, r in runners.items():
+        ts = times[k]
+        med = _median(ts)
+        ips = B / med
+        rec = {"bench": "train", "preset": preset, "model": r["model"], "variant": r["variant"],
+               "engine": "deepspeed-zero2" if engine_kind == "deepspeed" else "torch",
+               "precision": precision, "optimizer": r["optimizer"], "batch": B, "input": [c, h, w],
+               "context": [L, Dc], "mask": mask is not None, "ema": r["ema"], "params": r["params"],
+               "warmup": len(r["warm"]), "steps": spec["steps"],
+               "step_s_median": _r(med), "step_s_min": _r(min(ts)), "step_s_max": _r(max(ts)),
+               "step_s_all": [_r(x) for x in ts], "first_step_s": _r(r["warm"][0]) if r["warm"] else None,
+               "images_per_s": _r(ips), "loss_finite": all(math.isfinite(x) for x in r["losses"])}
+        fpi = (spec.get("flops_per_image") or {}).get(r["model"])
+        if fpi:
+            rec.update(flops_per_image=fpi, tflops=_r(fpi * ips / 1e12), peak_tflops=peak["tflops"],
+                       peak_kind=f'{peak["kind"]} {peak["dtype"]}',
+                       mfu=_r(fpi * ips / 1e12 / peak["tflops"]) if peak["tflops"] else None)
+        rec.update(r["mem"])
+        recs.append(rec)
+    return recs + _paired_summaries(spec, times, B)
+
+
+def run_sample(spec: dict) -> list[dict]:
+    """DDIM with classifier-free guidance (cond + uncond in one forward) for each (model, variant)
+    in spec['runners'], timed interleaved. spec = {preset, runners, batch, sample_steps, repeats,
+    device, peak_n, flops_fwd_per_image: {model: forward FLOPs}}."""
+    import torch
+
+    from framework import diffusion as D
+    from framework.sampling import cfg_model, ddim_sample
+
+    kind, preset = spec["device"], spec["preset"]
+    B, S = int(spec["batch"]), int(spec["sample_steps"])
+    device = _device(kind)
+    if kind == "cuda":
+        torch.backends.cudnn.benchmark = True
+    dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+    probe = PeakProbe(device, dtype, spec["peak_n"])
+    probe()                                     # warm
+    probe.rates = {k: [] for k in probe.rates}
+    (c, h, w), (L, Dc) = input_shapes(preset)
+    sched = D.Schedule.from_config(_bench_config(preset, B, frozenset(), kind).diffusion)
+    g = torch.Generator(device=device).manual_seed(2)
+    cond = {"ctx": torch.randn(B, L, Dc, generator=g, device=device).to(dtype)}
+    uncond = {"ctx": torch.zeros(1, L, Dc, device=device, dtype=dtype)}     # one null text, broadcast
+    x_T = torch.randn(B, c, h, w, generator=g, device=device)
+
+    def build(which: str, parts: frozenset):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = build_model(preset, which)
+        model = model.to(dtype=dtype).eval()
+        if "channels_last" in parts:            # weights too, as framework.export.Pipeline does
+            model = model.to(memory_format=torch.channels_last)
+        net = torch.compile(model) if "compile" in parts else model
+
+        def model_fn(x, t, kw):
+            if "channels_last" in parts:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return net(x.to(dtype), t, **kw).float()
+
+        fn = cfg_model(model_fn, cond, uncond, 7.5)
+        outs = []
+
+        def sample(steps: int = S) -> None:
+            with torch.no_grad():
+                outs.append(bool(torch.isfinite(ddim_sample(fn, x_T, sched, steps=steps)).all()))
+        return sample, outs
+
+    runners = {}
+    for which, variant in _runners(spec):
+        _trim()
+        with PeakMemory(device) as mem:
+            sample, outs = build(which, parse_variant(variant))
+            t0 = time.perf_counter()
+            sample(min(2, S))                   # warmup (compiles under `compile`)
+            _sync(device)
+            warm_s = time.perf_counter() - t0
+        runners[_key(which, variant)] = dict(model=which, variant=variant, sample=sample, outs=outs,
+                                             warm_s=warm_s, mem=mem.result())
+    times = _interleaved({**{k: r["sample"] for k, r in runners.items()}, "peak": probe}, spec["repeats"], device)
+    times.pop("peak")
+    peak = probe.result()
+
+    recs = []
+    for k, r in runners.items():
+        med = _median(times[k])
+        ips = B / med
+        rec = {"bench": "sample", "preset": preset, "model": r["model"], "variant": r["variant"],
+               "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "sampler": "ddim",
+               "guidance": 7.5, "cfg_batched": True, "batch": B, "forward_batch": 2 * B, "sample_steps": S,
+               "input": [c, h, w], "context": [L, Dc], "repeats": spec["repeats"], "warmup_s": _r(r["warm_s"]),
+               "s_per_batch_median": _r(med), "s_per_batch_all": [_r(x) for x in times[k]],
+               "images_per_s": _r(ips), "finite": all(r["outs"])}
+        fwd = (spec.get("flops_fwd_per_image") or {}).get(r["model"])
+        if fwd:
+            per_img = 2 * fwd * S                  # cond + uncond forward at every step
+            rec.update(flops_per_image=per_img, tflops=_r(per_img * ips / 1e12), peak_tflops=peak["tflops"],
+                       peak_kind=f'{peak["kind"]} {peak["dtype"]}',
+                       mfu=_r(per_img * ips / 1e12 / peak["tflops"]) if peak["tflops"] else None)
+        rec.update(r["mem"])
+        recs.append(rec)
+    return recs + _paired_summaries(spec, times, B)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------
+def _run_worker(spec: dict) -> list[dict]:
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
+    if spec.get("threads"):
+        import torch
+        torch.set_num_threads(int(spec["threads"]))
+    fn = {"train": run_train, "sample": run_sample}[spec["bench"]]
+    return fn(spec)
+
+
+def _run_isolated(spec: dict, timeout: Optional[float]) -> list[dict]:
+    cmd = [sys.executable, "-m", "tools.bench", "--worker", json.dumps(spec)]
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cuda" if spec["device"] == "cuda" else "cpu")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        env.pop(k, None)                          # each worker is its own world of one
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [{"error": f"timed out after {timeout} s"}]
+    for ln in p.stdout.splitlines():
+        if ln.startswith(RESULT_TAG):
+            return json.loads(ln[len(RESULT_TAG):])
+    tail = (p.stderr + p.stdout).strip().splitlines()[-15:]
+    return [{"error": f"worker exited {p.returncode}", "log_tail": tail}]
+
+
+def _measure(spec: dict, isolate: bool, timeout: Optional[float]) -> list[dict]:
+    t0 = time.perf_counter()
+    if isolate:
+        recs = _run_isolated(spec, timeout)
+    else:
+        try:
+            recs = _run_worker(spec)
+        except Exception as e:  # keep going: one failing variant must not hide the others
+            recs = [{"error": f"{type(e).__name__}: {e}"}]
+        finally:
+            _trim()
+    if len(recs) == 1 and "error" in recs[0]:
+        recs = [{"bench": spec["bench"], "preset": spec["preset"], "runners": spec["runners"], **recs[0]}]
+    wall = round(time.perf_counter() - t0, 1)
+    return [{**r, "group_wall_s": wall} for r in recs]
+
+
+def _per_preset(value: Optional[str], default: dict, presets: list[str], cast=int) -> dict:
+    """'8' -> every preset 8; 'tiny=32,sd2=1' -> those, the rest from default."""
+    out = {p: default.get(p, default.get("tiny")) for p in presets}
+    if value:
+        for item in value.split(","):
+            if "=" in item:
+                k, v = item.split("=", 1)
+                out[k.strip()] = cast(v)
+            else:
+                out = {p: cast(item) for p in presets}
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--presets", default=None, help="comma list of tiny,base64,sd2 (CPU default: tiny; "
+                   "CUDA: sd2,base64,tiny)")
+    p.add_argument("--preset", action="append", default=None, help="one preset (repeatable; as --presets)")
+    p.add_argument("--sections", default="peak,flops,train,sample,data",
+                   help="comma list of peak,flops,train,sample,data")
+    p.add_argument("--variants", default=None, help="comma list; parts base/channels_last/compile/ckpt "
+                   "joined by '+' (default base,channels_last,compile; --quick: base)")
+    p.add_argument("--diffusers-variants", default="same",
+                   help="'same' (every --variants entry), 'none', or a comma list")
+    p.add_argument("--no-diffusers", action="store_true", help="ours only, even when diffusers is installed")
+    p.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed",
+                   help="deepspeed: our engine's ZeRO-2 step (default); torch: plain AdamW loop, both models")
+    p.add_argument("--batch", default=None, help="training micro batch: N, or preset=N,... ")
+    p.add_argument("--warmup", default=None, help="untimed steps: N, or preset=N,...")
+    p.add_argument("--steps", default=None, help="timed training steps: N, or preset=N,...")
+    p.add_argument("--sample-batch", default=None, help="sampling batch (images, before the CFG doubling)")
+    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (CPU 10, CUDA 50)")
+    p.add_argument("--sample-repeats", type=int, default=None)
+    p.add_argument("--mask", action="store_true", help="pass a text mask (half the tokens) to both models")
+    p.add_argument("--no-ema", action="store_true", help="leave the EMA update out of the step")
+    p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak rate")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: torch's default). On a shared, oversubscribed CPU "
+                        "use 1: with more threads than free cores each op waits for a descheduled thread")
+    p.add_argument("--data-args", default=None, help="arguments for tools.bench_data (one string)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: batch 4, 1 warmup, 2 DDIM steps, tiny data, in-process, variant base")
+    p.add_argument("--group", choices=["auto", "preset", "variant"], default="auto",
+                   help="what one process measures interleaved: every variant of a preset (CPU default: "
+                        "paired variant speedups), or one variant (CUDA default: SD2 engines are large)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each measurement in its own process (default on; --quick: off)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per isolated measurement")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds; measurements that would start after it are skipped (0: no limit)")
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    # JSON lines go to the real stdout; everything else that writes to fd 1 (DeepSpeed's logger,
+    # compiler output) is sent to stderr, so stdout stays parseable. Only when run as a program.
+    json_out = sys.stdout
+    if argv is None:
+        json_out = os.fdopen(os.dup(1), "w", buffering=1)
+        sys.stdout.flush()
+        os.dup2(2, 1)
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec["device"] == "cuda" else "cpu")
+        recs = _run_worker(spec)
+        json_out.write(RESULT_TAG + json.dumps(recs) + "\n")
+        json_out.flush()
+        return recs
+
+    import torch
+    kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", kind)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = DEFAULTS[kind]
+    presets = args.preset or (args.presets.split(",") if args.presets else list(d["presets"]))
+    presets = [p.strip() for p in presets if p.strip()]
+    for p in presets:
+        unet_config(p)                              # a typo fails now, not after minutes
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    bad = sections - {"peak", "flops", "train", "sample", "data"}
+    if bad:
+        raise SystemExit(f"unknown section(s) {sorted(bad)}")
+    q = args.quick
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else \
+        (["base"] if q else list(d["variants"]))
+    for v in variants:
+        parse_variant(v)
+    with_diff = has_diffusers() and not args.no_diffusers
+    if not with_diff or args.diffusers_variants == "none":
+        diff_variants = []
+    elif args.diffusers_variants == "same":
+        diff_variants = list(variants)
+    else:
+        diff_variants = [v.strip() for v in args.diffusers_variants.split(",")]
+    batch = _per_preset(args.batch, {p: QUICK["batch"] for p in presets} if q else d["batch"], presets)
+    warmup = _per_preset(args.warmup, {p: QUICK["warmup"] for p in presets} if q else d["warmup"], presets)
+    steps = _per_preset(args.steps, d["steps"], presets)
+    sbatch = _per_preset(args.sample_batch, {p: QUICK["sample_batch"] for p in presets} if q
+                         else d["sample_batch"], presets)
+    sample_steps = args.sample_steps or (QUICK["sample_steps"] if q else d["sample_steps"])
+    repeats = args.sample_repeats or (QUICK["sample_repeats"] if q else d["sample_repeats"])
+    peak_n = args.peak_n or (QUICK["peak_n"] if q else d["peak_n"])
+    isolate = (not q) if args.isolate is None else args.isolate
+    out_file = open(args.out, "a") if args.out else None
+    t_start = time.perf_counter()
+    results: list[dict] = []
+
+    def emit(rec: dict) -> None:
+        rec = {**rec, "device": kind, "loadavg": _loadavg()}
+        results.append(rec)
+        line = json.dumps(rec)
+        json_out.write(line + "\n")
+        json_out.flush()
+        if out_file:
+            out_file.write(line + "\n")
+            out_file.flush()
+
+    def over_budget(what: dict) -> bool:
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+            emit({"bench": "skipped", **what, "reason": f"--time-budget {args.time_budget} s spent"})
+            return True
+        return False
+
+    emit({"bench": "env", "machine": machine_info(kind), "presets": presets, "sections": sorted(sections),
+          "variants": variants, "diffusers_variants": diff_variants, "engine": args.engine,
+          "threads": torch.get_num_threads(), "isolate": isolate, "quick": q,
+          "group": args.group if args.group != "auto" else ("preset" if kind == "cpu" else "variant"),
+          "argv": sys.argv[1:] if argv is None else list(argv)})
+
+    # ---- peak matmul rate ------------------------------------------------------------------------
+    if "peak" in sections:
+        dev = _device(kind)
+        emit({"bench": "peak", **matmul_peak(dev, torch.bfloat16 if kind == "cuda" else torch.float32, peak_n)})
+        if kind == "cpu":
+            emit({"bench": "peak", **matmul_peak(dev, torch.bfloat16, min(peak_n, 1024), 1, 3)})
+        else:
+            torch.cuda.empty_cache()                  # the workers need the memory, not this process
+
+    # ---- FLOPs per image (meta device), SD2 always ------------------------------------------------
+    flops: dict[tuple[str, str], dict] = {}
+    flop_presets = list(presets)
+    if "flops" in sections and not q and "sd2" not in flop_presets:
+        flop_presets.append("sd2")
+    if {"flops", "train", "sample"} & sections:
+        for p in flop_presets:
+            try:
+                rec = flops_record(p, with_diff)
+            except Exception as e:  # pragma: no cover - keep the timing sections running
+                rec = {"bench": "flops", "preset": p, "error": f"{type(e).__name__}: {e}"}
+            if "error" not in rec:
+                flops[(p, "ours")] = {"fwd": rec["ours_fwd"], "fwd_bwd": rec["ours_fwd_bwd"]}
+                if with_diff:
+                    flops[(p, "diffusers")] = {"fwd": rec["diffusers_fwd"], "fwd_bwd": rec["diffusers_fwd_bwd"]}
+            if "flops" in sections:
+                emit(rec)
+
+    group = args.group if args.group != "auto" else ("preset" if kind == "cpu" else "variant")
+
+    def summarize(bench: str, preset: str, recs: dict) -> None:
+        """Across groups (separate processes, so not paired): each variant over base per model, and
+        ours' best variant over diffusers at base."""
+        base_d = recs.get(("diffusers", "base"), {}).get("images_per_s")
+        if group == "variant":
+            for m in ("ours", "diffusers"):
+                b = recs.get((m, "base"), {}).get("images_per_s")
+                if not b:
+                    continue
+                speed = {v: _r(recs[(m, v)]["images_per_s"] / b) for v in variants
+                         if v != "base" and recs.get((m, v), {}).get("images_per_s")}
+                if speed:
+                    best = max(speed, key=speed.get)
+                    emit({"bench": "variants", "what": bench, "preset": preset, "model": m,
+                          "base_images_per_s": b, "speedup_vs_base": speed,
+                          "best": best if speed[best] > 1.0 else "base", "paired": False})
+        if base_d and len(variants) > 1:
+            best_o = max(((v, r["images_per_s"]) for (m, v), r in recs.items()
+                          if m == "ours" and r.get("images_per_s")), key=lambda x: x[1], default=None)
+            if best_o:
+                emit({"bench": "ratio_best", "what": bench, "preset": preset, "ours_variant": best_o[0],
+                      "ours_images_per_s": best_o[1], "diffusers_base_images_per_s": base_d,
+                      "ours_best_over_diffusers_base": _r(best_o[1] / base_d), "paired": group == "preset"})
+
+    # ---- training step and CFG sampling: groups of (model, variant) runners ----------------------
+    for bench in ("train", "sample"):
+        if bench not in sections:
+            continue
+        for p in presets:
+            recs: dict[tuple[str, str], dict] = {}
+            runs = []
+            for v in variants:
+                if bench == "sample" and "ckpt" in parse_variant(v):
+                    continue                          # checkpointing does nothing without backward
+                runs.append([["ours", v]] + ([["diffusers", v]] if v in diff_variants else []))
+            groups = [sum(runs, [])] if group == "preset" else runs
+            for runners in groups:
+                if not runners:
+                    continue
+                what = {"what": bench, "preset": p, "runners": runners}
+                if over_budget(what):
+                    continue
+                models = sorted({m for m, _ in runners})
+                spec = {"bench": bench, "device": kind, "preset": p, "runners": runners,
+                        "peak_n": peak_n, "threads": args.threads}
+                if bench == "train":
+                    spec.update(batch=batch[p], warmup=warmup[p], steps=steps[p], engine=args.engine,
+                                ema=not args.no_ema, mask=args.mask,
+                                flops_per_image={m: flops[(p, m)]["fwd_bwd"] for m in models if (p, m) in flops})
+                else:
+                    spec.update(batch=sbatch[p], sample_steps=sample_steps, repeats=repeats,
+                                flops_fwd_per_image={m: flops[(p, m)]["fwd"] for m in models if (p, m) in flops})
+                for rec in _measure(spec, isolate, args.timeout):
+                    if rec.get("bench") == bench and "model" in rec:
+                        recs[(rec["model"], rec["variant"])] = rec
+                    emit(rec)
+            summarize(bench, p, recs)
+
+    # ---- data loading -----------------------------------------------------------------------------
+    if "data" in sections and not over_budget({"what": "data"}):
+        if args.data_args:
+            data_argv = args.data_args.split()
+        elif q:
+            data_argv = ["--which", "fmnist", "--workers", "0", "--seconds", "0.5", "--n-fmnist", "64",
+                         "--n-jpeg", "8"]
+        elif kind == "cpu":
+            data_argv = ["--which", "all", "--workers", "0", "2", "--seconds", "3", "--n-fmnist", "2048",
+                         "--n-jpeg", "128"]
+        else:
+            data_argv = ["--which", "jpeg", "--workers", "0", "8", "--seconds", "3", "--n-jpeg", "256"]
+        try:
+            from tools import bench_data
+            with contextlib.redirect_stdout(sys.stderr):   # it prints its own lines; ours are tagged
+                data_recs = bench_data.main(data_argv)
+            for r in data_recs:
+                r = dict(r)
+                r.pop("machine", None)
+                emit({"bench": "data", **r})
+        except Exception as e:
+            emit({"bench": "data", "error": f"{type(e).__name__}: {e}", "args": data_argv})
+
+    emit({"bench": "done", "wall_s": round(time.perf_counter() - t_start, 1),
+          "errors": sum(1 for r in results if "error" in r)})
+    if out_file:
+        out_file.close()
+    return results
+
+
+if __name__ == "__main__":
+    main()
