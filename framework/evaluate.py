@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch

@@ -31,18 +31,16 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import asdict
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import yaml
 
 from . import checkpoint as ckpt
-from .config import (Config, DiffusionConfig, SampleConfig, TextConfig, UNetConfig, from_dict,
-                     to_dict)
+from .config import Config, DiffusionConfig, SampleConfig, TextConfig, UNetConfig, from_dict
 
 __all__ = ["FORMAT", "find_checkpoint", "inspect_checkpoint", "format_inspect", "checkpoint_config",
            "load_ema", "load_raw", "consolidate", "save_state_dict", "load_state_dict_dir",

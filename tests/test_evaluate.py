@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,16 +17,6 @@ needs_data = pytest.mark.skipif(not HAS_FMNIST, reason="needs Debian's dataset-f
 # A small subset keeps this test fast: 4,000 training images, 2 epochs (~8 CPU-seconds) reach ~84%
 # on the held-out test split; the full recipe (60k, 2 epochs) reaches ~91%. Stated threshold: 0.78.
 SUBSET_THRESHOLD = 0.78
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on shared CPUs spinning OpenMP threads slow
-    these tests several-fold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @needs_data

@@ -27,16 +27,6 @@ from tests._trained import BLOCK_DEEPSPEED, ROOT, env, exported, train, trained_
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on shared CPUs spinning OpenMP threads slow
-    these tests several-fold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _max_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b)
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)

@@ -18,16 +18,6 @@ from tests._trained import exported
 PROMPTS = ["a photo of a coat", "a photo of a sneaker", "a photo of a bag"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on shared CPUs spinning OpenMP threads slow
-    these tests several-fold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     return Pipeline.from_pretrained(exported(tmp_path_factory, 1, 0), device="cpu")

@@ -77,7 +77,6 @@ def methods(args, pipe) -> list[tuple[str, list[float], Optional[Callable]]]:
 # ---------------------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    import torch
     from framework import evaluate as V
     from framework.export import Pipeline
     from framework.images import save_grid

@@ -105,7 +105,6 @@ def short_label(text: str, width_px: int) -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    import torch
     from framework.export import Pipeline
     from framework.images import save_grid, to_pil
 
