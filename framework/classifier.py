@@ -37,8 +37,8 @@ from einops import rearrange
 from torch import nn
 
 from .config import ClassifierConfig, UNetConfig
-from .unet import (Attention, Downsample, Level, ResBlock, SpatialTransformer, ZeroLinear, _run,
-                   level_channels, level_heads, timestep_embedding)
+from .unet import (Attention, ZeroLinear, build_encoder_half, level_heads, run_encoder_half,
+                   timestep_embedding)
 
 __all__ = ["NoisyClassifier", "AttentionPool", "class_patterns", "labels_from_captions", "batch_labels",
            "class_index", "load_classifier", "run_weights", "export_classifier", "ClassifierGuide",
@@ -78,41 +78,10 @@ class NoisyClassifier(nn.Module):
         if cls_cfg.pool not in ("mean", "attention"):
             raise ValueError(f"classifier.pool must be 'mean' or 'attention', got {cls_cfg.pool!r}")
         self.cfg, self.cls_cfg = unet_cfg, cls_cfg
-        cfg = unet_cfg
-        chs, heads = level_channels(cfg), level_heads(cfg)
-        n_levels, nrb, g = len(chs), cfg.num_res_blocks, cfg.groups
-        bad = [lv for lv in cfg.attention_levels if not 0 <= lv < n_levels]
-        if bad:
-            raise ValueError(f"unet.attention_levels {bad} outside 0..{n_levels - 1}")
-        c0 = chs[0]
-        temb = 4 * c0
-        self.time_embed = nn.Sequential(nn.Linear(c0, temb), nn.SiLU(), nn.Linear(temb, temb))
-        self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
-
-        def res(cin, cout):
-            return ResBlock(cin, cout, temb, g, cfg.dropout, cfg.scale_shift)
-
-        def attn(c, lv):   # self-attention only: the classifier is not text-conditioned
-            return SpatialTransformer(c, heads[lv], cfg.transformer_depth, 0, g, cfg.linear_projection)
-
-        # the UNet's down path, same widths and key names
-        self.down = nn.ModuleList()
-        c = c0
-        for lv, cout in enumerate(chs):
-            level = Level()
-            for _ in range(nrb):
-                level.res.append(res(c, cout))
-                c = cout
-                if lv in cfg.attention_levels:
-                    level.attn.append(attn(c, lv))
-            if lv < n_levels - 1:
-                level.sample = Downsample(c)
-            self.down.append(level)
-        self.mid = Level()
-        self.mid.res.append(res(c, c))
-        if cfg.mid_attention:
-            self.mid.attn.append(attn(c, n_levels - 1))
-            self.mid.res.append(res(c, c))
+        # the UNet's down path and mid block, same widths and key names; self-attention only
+        # (context_dim 0): the classifier is not text-conditioned
+        c, _ = build_encoder_half(self, unet_cfg, context_dim=0)
+        g, heads = unet_cfg.groups, level_heads(unet_cfg)
 
         # pooled head: GroupNorm, SiLU, pool, Linear (zero-init in its own reset_parameters)
         self.norm_out = nn.GroupNorm(g, c, eps=1e-5)
@@ -127,18 +96,7 @@ class NoisyClassifier(nn.Module):
         """x (B, C, H, W), t (B,) -> pooled features (B, C_last)."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         temb = F.silu(self.time_embed(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype)))
-        h = self.conv_in(x)
-        for level in self.down:
-            for i, block in enumerate(level.res):
-                h = _run(block, h, temb)
-                if len(level.attn):
-                    h = _run(level.attn[i], h)
-            if level.sample is not None:
-                h = level.sample(h)
-        for i, block in enumerate(self.mid.res):
-            h = _run(block, h, temb)
-            if i < len(self.mid.attn):
-                h = _run(self.mid.attn[i], h)
+        h = run_encoder_half(self, x, temb)
         h = F.silu(self.norm_out(h))                                    # (B, C, h, w)
         return self.pool(h) if self.pool is not None else h.mean(dim=(2, 3))
 

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig
 
-__all__ = ["UNet", "ResBlock", "SpatialTransformer", "timestep_embedding", "apply_activation_checkpointing",
+__all__ = ["UNet", "build_encoder_half", "run_encoder_half", "ResBlock", "SpatialTransformer", "timestep_embedding", "apply_activation_checkpointing",
            "count_params", "level_channels", "level_heads", "to_diffusers_state_dict",
            "from_diffusers_state_dict", "diffusers_config"]
 
@@ -250,51 +250,96 @@ def level_heads(cfg: UNetConfig) -> list[int]:
     return [max(1, c // cfg.head_dim) for c in chs]
 
 
+def build_encoder_half(module: nn.Module, cfg: UNetConfig, context_dim: int,
+                       pooled_dim: int = 0) -> tuple[int, list[int]]:
+    """Give ``module`` the UNet's first half: ``time_embed`` (+ ``pooled_embed`` when pooled_dim > 0,
+    else None), ``conv_in``, the ``down`` levels and the ``mid`` block (the same key names wherever it
+    is used: the UNet, the noisy classifier). ``context_dim`` 0 builds self-attention only. Returns (width at the bottom, the width of every
+    tensor the down path pushes for skip connections)."""
+    chs, heads = level_channels(cfg), level_heads(cfg)
+    n_levels, nrb = len(chs), cfg.num_res_blocks
+    bad = [lv for lv in cfg.attention_levels if not 0 <= lv < n_levels]
+    if bad:
+        raise ValueError(f"unet.attention_levels {bad} outside 0..{n_levels - 1}")
+    c0 = chs[0]
+    temb = 4 * c0
+    module.time_embed = nn.Sequential(nn.Linear(c0, temb), nn.SiLU(), nn.Linear(temb, temb))
+    module.pooled_embed = (nn.Sequential(nn.Linear(pooled_dim, temb), nn.SiLU(), nn.Linear(temb, temb))
+                           if pooled_dim > 0 else None)
+    module.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+
+    # down path; `skips` records the width of every tensor pushed for the up path
+    module.down = nn.ModuleList()
+    skips, c = [c0], c0
+    for lv, cout in enumerate(chs):
+        level = Level()
+        for _ in range(nrb):
+            level.res.append(_res(cfg, c, cout))
+            c = cout
+            if lv in cfg.attention_levels:
+                level.attn.append(_attn(cfg, c, heads[lv], context_dim))
+            skips.append(c)
+        if lv < n_levels - 1:
+            level.sample = Downsample(c)
+            skips.append(c)
+        module.down.append(level)
+
+    # mid: ResBlock, SpatialTransformer, ResBlock (without attention a single ResBlock, as diffusers)
+    module.mid = Level()
+    module.mid.res.append(_res(cfg, c, c))
+    if cfg.mid_attention:
+        module.mid.attn.append(_attn(cfg, c, heads[-1], context_dim))
+        module.mid.res.append(_res(cfg, c, c))
+    return c, skips
+
+
+def run_encoder_half(module: nn.Module, x: torch.Tensor, temb: torch.Tensor, ctx=None, ctx_mask=None,
+                     hs: Optional[list] = None) -> torch.Tensor:
+    """conv_in -> down levels -> mid of a module built by ``build_encoder_half``; appends every skip
+    tensor to ``hs`` when given. temb is SiLU(time embedding) (B, 4C)."""
+    h = module.conv_in(x)
+    if hs is not None:
+        hs.append(h)
+    for level in module.down:
+        for i, block in enumerate(level.res):
+            h = _run(block, h, temb)
+            if len(level.attn):
+                h = _run(level.attn[i], h, ctx, ctx_mask)
+            if hs is not None:
+                hs.append(h)
+        if level.sample is not None:
+            h = level.sample(h)
+            if hs is not None:
+                hs.append(h)
+    for i, block in enumerate(module.mid.res):
+        h = _run(block, h, temb)
+        if i < len(module.mid.attn):
+            h = _run(module.mid.attn[i], h, ctx, ctx_mask)
+    return h
+
+
+def _res(cfg: UNetConfig, cin: int, cout: int) -> "ResBlock":
+    return ResBlock(cin, cout, 4 * cfg.channels * cfg.channel_mult[0], cfg.groups, cfg.dropout, cfg.scale_shift)
+
+
+def _attn(cfg: UNetConfig, c: int, heads: int, context_dim: int) -> "SpatialTransformer":
+    return SpatialTransformer(c, heads, cfg.transformer_depth, context_dim, cfg.groups, cfg.linear_projection)
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         chs, heads = level_channels(cfg), level_heads(cfg)
         n_levels, nrb, g = len(chs), cfg.num_res_blocks, cfg.groups
-        bad = [lv for lv in cfg.attention_levels if not 0 <= lv < n_levels]
-        if bad:
-            raise ValueError(f"unet.attention_levels {bad} outside 0..{n_levels - 1}")
         c0 = chs[0]
-        temb = 4 * c0
-        self.time_embed = nn.Sequential(nn.Linear(c0, temb), nn.SiLU(), nn.Linear(temb, temb))
-        self.pooled_embed = (nn.Sequential(nn.Linear(cfg.pooled_dim, temb), nn.SiLU(), nn.Linear(temb, temb))
-                             if cfg.pooled_dim > 0 else None)
-        self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+        c, skips = build_encoder_half(self, cfg, cfg.context_dim, cfg.pooled_dim)
 
         def res(cin, cout):
-            return ResBlock(cin, cout, temb, g, cfg.dropout, cfg.scale_shift)
+            return _res(cfg, cin, cout)
 
         def attn(c, lv):
-            return SpatialTransformer(c, heads[lv], cfg.transformer_depth, cfg.context_dim, g,
-                                      cfg.linear_projection)
-
-        # down path; `skips` records the width of every tensor pushed for the up path
-        self.down = nn.ModuleList()
-        skips, c = [c0], c0
-        for lv, cout in enumerate(chs):
-            level = Level()
-            for _ in range(nrb):
-                level.res.append(res(c, cout))
-                c = cout
-                if lv in cfg.attention_levels:
-                    level.attn.append(attn(c, lv))
-                skips.append(c)
-            if lv < n_levels - 1:
-                level.sample = Downsample(c)
-                skips.append(c)
-            self.down.append(level)
-
-        # mid: ResBlock, SpatialTransformer, ResBlock (without attention a single ResBlock, as diffusers)
-        self.mid = Level()
-        self.mid.res.append(res(c, c))
-        if cfg.mid_attention:
-            self.mid.attn.append(attn(c, n_levels - 1))
-            self.mid.res.append(res(c, c))
+            return _attn(cfg, c, heads[lv], cfg.context_dim)
 
         # up path, lowest resolution first (diffusers' up_blocks order)
         self.up = nn.ModuleList()
@@ -323,22 +368,8 @@ class UNet(nn.Module):
             temb = temb + self.pooled_embed(pooled.to(temb.dtype))
         temb = F.silu(temb)            # every ResBlock takes SiLU(temb), as diffusers' ResnetBlock2D
 
-        h = self.conv_in(x)
-        hs = [h]
-        for level in self.down:
-            for i, block in enumerate(level.res):
-                h = _run(block, h, temb)
-                if len(level.attn):
-                    h = _run(level.attn[i], h, ctx, ctx_mask)
-                hs.append(h)
-            if level.sample is not None:
-                h = level.sample(h)
-                hs.append(h)
-
-        for i, block in enumerate(self.mid.res):
-            h = _run(block, h, temb)
-            if i < len(self.mid.attn):
-                h = _run(self.mid.attn[i], h, ctx, ctx_mask)
+        hs: list = []
+        h = run_encoder_half(self, x, temb, ctx, ctx_mask, hs)
 
         for level in self.up:
             for i, block in enumerate(level.res):
