@@ -19,6 +19,7 @@ missing file) is never loaded: resume falls back to the previous complete tag wi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from typing import Any, Optional
 
 __all__ = ["TAG_RE", "tag_for", "tmp_tag_for", "ckpt_dir", "finalize", "validate", "complete_tags",
            "find_resume", "read_meta", "update_latest", "prune", "atomic_write_text", "rank_file",
-           "ema_file", "convert_to_universal"]
+           "ema_file", "convert_to_universal", "atomic_dir"]
 
 TAG_RE = re.compile(r"^step(\d{8,})$")
 MANIFEST = "complete.json"
@@ -63,6 +64,25 @@ def atomic_write_text(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str):
+    """Write a directory atomically: yields a temporary sibling to fill; on success it replaces
+    ``out`` (an existing one is removed first), on any error it is deleted and ``out`` is untouched."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _file_sizes(tag_dir: str) -> dict[str, int]:

@@ -198,7 +198,7 @@ def export_classifier(run_dir: str, out: str, checkpoint: Optional[str] = None, 
     ``out/model.safetensors`` (the NoisyClassifier state dict, fp32) and ``out/config.yaml``
     (format, model class, image, unet, diffusion, classifier, export provenance). Written into a
     temporary sibling and renamed. Returns the export summary."""
-    import shutil
+    from . import checkpoint as ckpt
 
     import yaml
 
@@ -223,19 +223,10 @@ def export_classifier(run_dir: str, out: str, checkpoint: Optional[str] = None, 
               "model": {"class": "framework.classifier.NoisyClassifier", "weights": "model", "dtype": "fp32"},
               "image": {"size": cfg.data.image_size, "channels": cfg.unet.in_channels},
               "unet": d["unet"], "diffusion": d["diffusion"], "classifier": d["classifier"], "export": summary}
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with ckpt.atomic_dir(out) as tmp:
         save_state_dict({k: sd[k].float() for k in ref}, tmp, "model", metadata={"task": "classifier"})
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False, default_flow_style=None)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dict(summary, out=out)
 
 

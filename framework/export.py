@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import warnings
 from dataclasses import asdict
@@ -423,12 +422,7 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
         "export": summary,
     }
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with ckpt.atomic_dir(out) as tmp:
         files = save_state_dict(sd, tmp, WEIGHTS_NAME, max_shard_size,
                                 metadata={"framework": FORMAT, "weights": weights, "tag": info["tag"]})
         nd = {"ctx": null.ctx.float().contiguous(), "mask": null.mask.bool().contiguous()}
@@ -447,12 +441,6 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False, default_flow_style=None)
         files.append("config.yaml")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary.update(out=out, seconds=round(time.perf_counter() - t0, 2))
     return summary
 
