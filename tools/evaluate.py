@@ -18,6 +18,8 @@ import json
 import os
 import sys
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep (see tools/demo.py)
 from typing import Callable, Optional
 
 
