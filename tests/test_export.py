@@ -230,20 +230,20 @@ def test_checkpoint_cli(tmp_path_factory, tmp_path, capsys):
     from tools import checkpoint as tool
     from tools import export as tool_export
     run = trained_run(tmp_path_factory, 1, 0)
-    info = tool.main(["inspect", run, "--json"])
+    info = tool.run(["inspect", run, "--json"])
     assert json.loads(capsys.readouterr().out)["step"] == 6 and info["zero_stage"] == 0
-    tool.main(["inspect", run])
+    tool.run(["inspect", run])
     text = capsys.readouterr().out
     assert "ZeRO stage 0" in text and "step00000006" in text
-    out = tool.main(["consolidate", run, "--out", str(tmp_path / "w.safetensors")])
+    out = tool.run(["consolidate", run, "--out", str(tmp_path / "w.safetensors")])
     raw, _ = E.consolidate(run, weights="raw")
     assert _exact(load_file(out), raw)
-    s = tool.main(["export", run, str(tmp_path / "exp"), "--dtype", "bf16", "--max-shard-size", "300KB"])
+    s = tool.run(["export", run, str(tmp_path / "exp"), "--dtype", "bf16", "--max-shard-size", "300KB"])
     assert s["dtype"] == "bf16" and any(f.endswith("index.json") for f in s["files"])
-    s2 = tool_export.main([run, str(tmp_path / "exp"), "--overwrite"])
+    s2 = tool_export.run([run, str(tmp_path / "exp"), "--overwrite"])
     assert s2["files"][0] == "model.safetensors"
     with pytest.raises(ValueError, match="ZeRO-0"):
-        tool.main(["reshard", run])
+        tool.run(["reshard", run])
 
 
 @pytest.mark.distributed

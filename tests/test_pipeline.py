@@ -98,7 +98,7 @@ def test_sample_tool_writes_images_and_a_grid_of_rows_x_cols(tmp_path_factory, t
     pf = tmp_path / "prompts.txt"
     pf.write_text("# classes\na photo of a dress\n\na photo of a pair of trousers\n")
     out = tmp_path / "s"
-    s = tool.main([export, "--prompt", "a photo of a bag", "--prompts-file", str(pf), "--guidance", "0", "1", "4",
+    s = tool.run([export, "--prompt", "a photo of a bag", "--prompts-file", str(pf), "--guidance", "0", "1", "4",
                    "--num-per-prompt", "2", "--steps", "3", "--seed", "1", "--batch-size", "4", "--out", str(out),
                    "--cell-scale", "2"])
     rows, cols = 3 * 2, 3
@@ -113,7 +113,7 @@ def test_sample_tool_writes_images_and_a_grid_of_rows_x_cols(tmp_path_factory, t
         meta = json.load(f)
     assert meta["prompts"][0] == "a photo of a bag" and meta["guidance_scales"] == [0.0, 1.0, 4.0]
     # deterministic: the same command gives the same images
-    s2 = tool.main([export, "--prompt", "a photo of a bag", "--prompts-file", str(pf), "--guidance", "0", "1", "4",
+    s2 = tool.run([export, "--prompt", "a photo of a bag", "--prompts-file", str(pf), "--guidance", "0", "1", "4",
                     "--num-per-prompt", "2", "--steps", "3", "--seed", "1", "--batch-size", "4", "--out",
                     str(tmp_path / "s2"), "--no-images", "--cell-scale", "2"])
     assert not os.path.exists(tmp_path / "s2" / "images")

@@ -71,7 +71,7 @@ def run_export(args) -> dict:
     return s
 
 
-def main(argv: Optional[list[str]] = None):
+def run(argv: Optional[list[str]] = None):
     args = build_parser().parse_args(argv)
     from framework import export as E
 
@@ -98,6 +98,11 @@ def main(argv: Optional[list[str]] = None):
     raise AssertionError(args.command)
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point (setup.py): exit status 0; ``run`` returns the result."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(main())

@@ -99,7 +99,7 @@ def train_command(args) -> list[str]:
             "-m", "framework.train", "--config", args.config, *overrides]
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def run(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -163,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   "--guidance", *[f"{g:g}" for g in args.grid_scales], "--labels", *FASHION_CLASSES]
         for noun in _FASHION_NOUNS:
             argv_s += ["--prompt", _a_an(f"a photo of a {noun}")]
-        samples = tool_sample.main(argv_s)
+        samples = tool_sample.run(argv_s)
 
     # ---- 5. evaluate ------------------------------------------------------------------------------
     eval_dir = os.path.join(args.run_dir, "eval")
@@ -172,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   str(args.eval_steps), "--gammas", *[f"{g:g}" for g in args.gammas]]
         if args.cache_dir:
             argv_e += ["--cache-dir", args.cache_dir]
-        ev = tool_evaluate.main(argv_e)
+        ev = tool_evaluate.run(argv_e)
 
     # ---- summary ----------------------------------------------------------------------------------
     times["total"] = round(time.perf_counter() - t_all, 1)
@@ -208,5 +208,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point (setup.py): exit status 0; ``run`` returns the result."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

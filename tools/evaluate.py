@@ -77,7 +77,7 @@ def methods(args, pipe) -> list[tuple[str, list[float], Optional[Callable]]]:
 
 
 # ---------------------------------------------------------------------------------------------------
-def main(argv: Optional[list[str]] = None) -> dict:
+def run(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     from framework import evaluate as V
     from framework.export import Pipeline
@@ -129,5 +129,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return result
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point (setup.py): exit status 0; ``run`` returns the result."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,16 +8,23 @@ See tools/checkpoint.py and framework/export.py.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional
 
 from tools.checkpoint import add_export_args, run_export
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def run(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     return run_export(add_export_args(p).parse_args(argv))
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point (setup.py): exit status 0; ``run`` returns the result."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

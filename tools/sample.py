@@ -105,7 +105,7 @@ def short_label(text: str, width_px: int) -> str:
     return text if len(text) <= n else ".." + text[-(n - 2):]
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def run(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     from framework.export import Pipeline
     from framework.images import save_grid, to_pil
@@ -150,5 +150,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point (setup.py): exit status 0; ``run`` returns the result."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
