@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests._fixtures import tiny_encoder, write_shards
+from tests._trained import env as _env   # a clean launcher environment for child processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -37,12 +38,6 @@ def _cmd(nproc: int) -> list[str]:
             "-m", "framework.train"]
 
 
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _args(assets, run_dir, overrides) -> list[str]:
