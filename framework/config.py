@@ -128,7 +128,10 @@ class EngineConfig:
     ema_warmup_steps: int = 0       # EMA starts (copies weights) after this many steps
     activation_checkpointing: bool = False
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False           # torch.compile of the UNet inside the engine (DeepSpeed engine.compile)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"   # inductor's modes
+    compile_backend: str = "inductor"   # any torch.compile backend ("aot_eager": trace-only, for debugging)
     device: str = "auto"
     max_nonfinite: int = 10         # this many non-finite losses in a row abort
     log_every: int = 10

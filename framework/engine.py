@@ -268,6 +268,19 @@ def _lr_lambda(cfg: Config) -> Callable[[int], float]:
     return f
 
 
+def compile_stats() -> dict:
+    """What torch.compile made of the model so far: graphs compiled and graph breaks (each break
+    splits the step into more graphs and, under CUDA graphs, more launches)."""
+    from torch._dynamo.utils import counters
+    return {"compile/unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "compile/graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def compile_kwargs(ecfg) -> dict:
+    """torch.compile keyword arguments for engine.compile_mode / compile_backend (mode is inductor's)."""
+    return {"mode": ecfg.compile_mode} if ecfg.compile_backend == "inductor" else {}
+
+
 def _optimizer(cfg: Config, params, device: torch.device) -> torch.optim.Optimizer:
     o = cfg.optim
     kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -438,7 +451,11 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_sched,
                                            config=ds_config)
-    forward = torch.compile(engine) if cfg.engine.compile else engine
+    if cfg.engine.compile:
+        # DeepSpeed's engine.compile compiles the wrapped module in place (nn.Module.compile): the
+        # engine's own forward, its hooks (ZeRO-3 gathering) and backward stay outside the graph
+        engine.compile(backend=cfg.engine.compile_backend, compile_kwargs=compile_kwargs(cfg.engine))
+    forward = engine
     ema = EMA(engine.module, zero3=cfg.engine.zero_stage == 3)
     sched = D.Schedule.from_config(cfg.diffusion)
 
@@ -555,6 +572,8 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
                            "images_per_s": (images - img_last) / max(1e-9, now - t_last)}
                 if not memory_logged:   # once, after the first step created the optimizer state
                     metrics.update(memory_stats(engine, cfg.engine.zero_stage == 3))
+                    if cfg.engine.compile:
+                        metrics.update(compile_stats())
                     memory_logged = True
                 if loader is not None and hasattr(loader, "stats"):
                     metrics.update({f"data/{k}": v for k, v in loader.stats().items()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -393,6 +393,23 @@ def apply_activation_checkpointing(unet: nn.Module, enabled: bool = True) -> nn.
         if isinstance(m, _Block):
             m.checkpointing = enabled
     return unet
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_for_inference(unet: nn.Module, mode: Union[bool, str] = True, backend: str = "inductor"):
+    """``torch.compile`` of an eval UNet for sampling: one graph (``fullgraph``: the UNet has no graph
+    break, tested), static shapes (the sampler calls it with one batch shape at every step, so one
+    compilation serves a whole run). ``mode``: True / "default", or "reduce-overhead" (inductor's CUDA
+    graphs: one graph replay per step instead of ~1,000 kernel launches; CPU ignores it), or
+    "max-autotune[-no-cudagraphs]". Returns a callable with the module's signature; the module itself
+    is unchanged (its parameters are shared)."""
+    mode = "default" if mode is True else mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    kw = {"mode": mode} if backend == "inductor" else {}
+    return torch.compile(unet, backend=backend, fullgraph=True, dynamic=False, **kw)
 
 
 def count_params(cfg: UNetConfig) -> int:

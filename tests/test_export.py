@@ -261,3 +261,20 @@ def test_parse_size():
     assert E.parse_size("0") == 0 and E.parse_size(None) == 0 and E.parse_size(123) == 123
     with pytest.raises(ValueError):
         E.parse_size("lots")
+
+
+@pytest.mark.distributed
+def test_compiled_pipeline_samples_the_same_images(tmp_path_factory):
+    """Pipeline(compile=...): the UNet traced by dynamo as one graph (fullgraph; the eager backend
+    keeps the test fast, inductor's code generation is what the benchmark measures) gives the same
+    images, through channels_last and the batched cond/uncond forward; a bad mode names the valid ones."""
+    torch._dynamo.reset()
+    path = exported(tmp_path_factory, 1, 0)
+    kw = dict(guidance_scale=3.0, steps=4, seed=3, output_type="pt")
+    prompts = ["a photo of a coat", "a photo of a bag"]
+    ref = E.Pipeline.from_pretrained(path, device="cpu")(prompts, **kw)
+    pipe = E.Pipeline.from_pretrained(path, device="cpu", compile=True, compile_backend="eager")
+    assert pipe._net is not pipe.unet
+    torch.testing.assert_close(pipe(prompts, **kw), ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        E.Pipeline.from_pretrained(path, device="cpu", compile="fast")

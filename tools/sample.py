@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-per-prompt", "-n", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the UNet (the first batch compiles; pays for many batches); "
+                        "reduce-overhead = CUDA graphs")
     p.add_argument("--text-encoder", default=None,
                    help="the text encoder's directory, overriding config.yaml's (e.g. on another machine)")
     p.add_argument("--out", "-o", default="samples", help="output folder")
@@ -112,7 +116,8 @@ def run(argv: Optional[list[str]] = None) -> dict:
 
     prompts = read_prompts(args)
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.export, device=args.device, text_encoder=args.text_encoder)
+    pipe = Pipeline.from_pretrained(args.export, device=args.device, text_encoder=args.text_encoder,
+                                    compile=args.compile or False)
     scales = args.guidance if args.guidance is not None else [pipe.defaults.guidance_scale]
     kw = {k: getattr(args, k) for k in ("steps", "sampler", "eta", "rescale") if getattr(args, k) is not None}
     if args.negative_prompt is not None:
