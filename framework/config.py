@@ -126,7 +126,7 @@ class EngineConfig:
     ema_decay: float = 0.999
     ema_halflife_images: float = 0.0  # > 0 overrides ema_decay: decay = 0.5 ** (batch / halflife)
     ema_warmup_steps: int = 0       # EMA starts (copies weights) after this many steps
-    activation_checkpointing: bool = False
+    activation_checkpointing: Union[bool, Literal["all", "attention", "res"]] = False  # unet.apply_activation_checkpointing
     channels_last: bool = False
     compile: bool = False           # torch.compile of the UNet inside the engine (DeepSpeed engine.compile)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",

@@ -443,7 +443,7 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
         model = model_factory()
     if cfg.engine.activation_checkpointing:
         from .unet import apply_activation_checkpointing
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, cfg.engine.activation_checkpointing)
     # engine.channels_last: only the input x_t goes channels_last (below, in the loop); convolutions
     # then run channels_last (as fast as with converted weights). Converting the weights here breaks
     # deepspeed.initialize: its broadcast does p.data.view(torch.uint8), which needs stride(-1) == 1.

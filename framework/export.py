@@ -457,6 +457,24 @@ def _auto_device(device) -> torch.device:
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def network_fn(net: Callable, dtype: torch.dtype, channels_last: bool = False,
+               cuda_graphs: bool = False) -> Callable:
+    """``model(x, t, cond_kwargs) -> eps`` in float32 around a UNet (or its compiled form) computing
+    in ``dtype``: what ``sampling.cfg_model`` takes. ``cuda_graphs`` (a net compiled with
+    mode="reduce-overhead"): each call starts a new graph replay and copies the output out of the
+    graph's buffer, which the next replay overwrites."""
+    def model(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+        x = x.to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        kw = {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in c.items()}
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            return net(x, t, **kw).float().clone()
+        return net(x, t, **kw).float().contiguous()
+    return model
+
+
 class Pipeline:
     """Text -> images from an export directory. No deepspeed, no training code.
 
@@ -550,19 +568,9 @@ class Pipeline:
 
     def network(self) -> Callable:
         """``model(x, t, cond_kwargs) -> eps`` in float32, for ``sampling.cfg_model``."""
-        unet, dtype, cl = self._net, self.dtype, self.channels_last
-        graphs = self.compile_mode in ("reduce-overhead", "max-autotune") and self.device.type == "cuda"
-
-        def model(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
-            x = x.to(dtype)
-            if cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            kw = {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in c.items()}
-            if graphs:      # CUDA graphs: a new replay step; the output buffer is reused by the next one
-                torch.compiler.cudagraph_mark_step_begin()
-                return unet(x, t, **kw).float().clone()
-            return unet(x, t, **kw).float().contiguous()
-        return model
+        return network_fn(self._net, self.dtype, self.channels_last,
+                          cuda_graphs=self.compile_mode in ("reduce-overhead", "max-autotune")
+                          and self.device.type == "cuda")
 
     def model_fn(self, cond, uncond, guidance_scale: float, rescale: float = 0.0) -> ModelFn:
         """The classifier-free guided eps model fn(x, t) for Conditions ``cond`` / ``uncond``."""

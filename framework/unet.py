@@ -385,13 +385,23 @@ class UNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Applied from outside
 # ---------------------------------------------------------------------------------------------
-def apply_activation_checkpointing(unet: nn.Module, enabled: bool = True) -> nn.Module:
-    """Recompute every ResBlock and SpatialTransformer in backward (torch.utils.checkpoint,
-    use_reentrant=False). State-dict keys are unchanged; works under ZeRO-3 (the module call,
-    hooks included, is what is recomputed). Returns the module."""
+CHECKPOINT_KINDS = ("all", "attention", "res")
+
+
+def apply_activation_checkpointing(unet: nn.Module, enabled: Union[bool, str] = True) -> nn.Module:
+    """Recompute blocks in backward (torch.utils.checkpoint, use_reentrant=False) instead of keeping
+    their activations. ``enabled``: True / "all" (every ResBlock and SpatialTransformer), "attention"
+    (the SpatialTransformers only: their token-sized activations - norms, QKV, the GEGLU's 8x-wide
+    hidden - are most of the memory per image, while the convolutions, most of the FLOPs, are not
+    recomputed), "res" (the ResBlocks only), False / "none" (off). State-dict keys are unchanged;
+    works under ZeRO-3 (the module call, hooks included, is what is recomputed). Returns the module."""
+    kind = {True: "all", False: "none"}.get(enabled, enabled)
+    if kind not in CHECKPOINT_KINDS + ("none",):
+        raise ValueError(f"activation checkpointing {enabled!r}: use true/false or one of {', '.join(CHECKPOINT_KINDS)}")
+    want = {"all": _Block, "attention": SpatialTransformer, "res": ResBlock, "none": ()}[kind]
     for m in unet.modules():
         if isinstance(m, _Block):
-            m.checkpointing = enabled
+            m.checkpointing = bool(want) and isinstance(m, want)
     return unet
 
 

@@ -140,3 +140,54 @@ def test_cli_isolated_worker_channels_last_under_deepspeed():
     assert set(train) == {"base", "channels_last"} and all(r["loss_finite"] for r in train.values())
     (var,) = [r for r in recs if r["bench"] == "variants"]
     assert var["model"] == "ours" and set(var["speedup_vs_base"]) == {"channels_last"} and var["paired"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Largest micro batch
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fixed,per_image,limit,start", [
+    (20_000.0, 95.0, 141_000.0, 8),       # SD2-like training on an H200: ~1,270
+    (1_000.0, 3.0, 141_000.0, 8),         # sampling: tens of thousands
+    (500.0, 0.7, 900.0, 2),
+    (300.0, 2.0, 141_000.0, 64),
+])
+def test_find_max_batch_brackets_the_limit_in_few_probes(fixed, per_image, limit, start):
+    """Memory linear in B with a 2% wobble: the search ends with a fitting B and a failing B+r,
+    r within 3%, the true answer inside, in at most 8 probes (bisection from 8 would need ~20)."""
+    import random
+    rng = random.Random(0)
+
+    def probe(b):
+        peak = fixed + per_image * b * (1 + 0.02 * rng.random())
+        return peak <= limit, peak
+    r = bench.find_max_batch(probe, start, limit, tol=0.03, max_probes=10)
+    lo, hi = r["max_batch"], r["first_fail"]
+    assert 0 < lo < hi <= lo + max(1, int(0.03 * lo)), r
+    assert (limit - fixed) / (per_image * 1.02) - 1 <= hi and lo <= (limit - fixed) / per_image, r
+    assert len(r["probes"]) <= 8, r["probes"]
+    assert all(p["fits"] == (p["batch"] <= lo) for p in r["probes"] if p["batch"] <= lo or p["batch"] >= hi)
+
+
+def test_find_max_batch_nothing_fits():
+    r = bench.find_max_batch(lambda b: (False, None), 8, 100.0)
+    assert r["max_batch"] == 0 and r["first_fail"] == 1 and [p["batch"] for p in r["probes"]] == [8, 4, 2, 1]
+
+
+def test_cli_maxbatch_train_and_sample_on_cpu():
+    """The real probes (DeepSpeed ZeRO-2 training step with EMA; one CFG sampling step) under an RSS
+    limit: every probe's verdict agrees with its measured peak, the answer is bracketed."""
+    limit = 800.0
+    recs = _run_cli(["--presets", "tiny", "--sections", "maxbatch", "--threads", "1", "--no-diffusers",
+                     "--maxbatch-variants", "base", "--mem-limit-mb", str(limit), "--maxbatch-probes", "6"])
+    mb = {r["what"]: r for r in recs if r["bench"] == "maxbatch"}
+    assert set(mb) == {"train", "sample"}, recs
+    for what, r in mb.items():
+        assert "error" not in r, r
+        assert r["max_batch"] >= 8 and r["first_fail"] > r["max_batch"], r
+        for p in r["probes"]:
+            assert p["fits"] == (p["peak_mb"] <= limit), p
+        fitting = {p["batch"] for p in r["probes"] if p["fits"]}
+        assert r["max_batch"] == max(fitting) and r["first_fail"] not in fitting
+        assert r["mb_per_image"] > 0 and r["images_per_s_at_max"] > 0
+    # the forward-only sampling step holds no gradients, optimizer state or saved activations
+    assert mb["sample"]["max_batch"] > mb["train"]["max_batch"]

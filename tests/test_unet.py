@@ -179,11 +179,17 @@ def test_gradient_reaches_every_parameter():
 # ---------------------------------------------------------------------------------------------
 # Switches applied from outside
 # ---------------------------------------------------------------------------------------------
-def test_activation_checkpointing_identical():
+@pytest.mark.parametrize("kind", [True, "attention", "res"])
+def test_activation_checkpointing_identical(kind):
+    from framework.unet import ResBlock, SpatialTransformer
     cfg = small_cfg(dropout=0.1)
     torch.manual_seed(0)
     m1 = perturb(UNet(cfg))
-    m2 = apply_activation_checkpointing(copy.deepcopy(m1))
+    m2 = apply_activation_checkpointing(copy.deepcopy(m1), kind)
+    want = {True: (ResBlock, SpatialTransformer), "attention": SpatialTransformer, "res": ResBlock}[kind]
+    blocks = [m for m in m2.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+    assert {type(m) for m in blocks} == {ResBlock, SpatialTransformer}
+    assert all(m.checkpointing == isinstance(m, want) for m in blocks)
     assert list(m1.state_dict()) == list(m2.state_dict())       # keys unchanged
     x, t, kw = inputs(cfg)
     torch.manual_seed(5)
@@ -197,6 +203,10 @@ def test_activation_checkpointing_identical():
         torch.testing.assert_close(p1.grad, p2.grad, atol=1e-6, rtol=1e-5, msg=n)
     with torch.no_grad():                                        # no recompute without grad
         m2.eval()(x, t, **kw)
+    apply_activation_checkpointing(m2, False)
+    assert not any(m.checkpointing for m in blocks)
+    with pytest.raises(ValueError, match="attention"):
+        apply_activation_checkpointing(m2, "some")
 
 
 def test_channels_last_same_output():

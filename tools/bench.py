@@ -84,7 +84,22 @@ DEFAULTS = {
                  peak_n=8192, variants=["base", "channels_last", "compile"]),
 }
 QUICK = dict(batch=4, warmup=1, sample_batch=2, sample_steps=2, sample_repeats=1, peak_n=256)
-VARIANT_PARTS = ("base", "channels_last", "compile", "ckpt")
+VARIANT_PARTS = ("base", "channels_last", "compile", "cudagraphs", "ckpt", "ckpt_attn")
+OURS_ONLY_PARTS = {"ckpt_attn"}             # diffusers has no attention-only checkpointing
+
+
+def checkpointing(parts: frozenset):
+    """engine.activation_checkpointing of a variant: ckpt -> True (every block), ckpt_attn ->
+    "attention" (the transformer blocks only), else False."""
+    return True if "ckpt" in parts else ("attention" if "ckpt_attn" in parts else False)
+
+
+def compile_mode(parts: frozenset) -> Optional[str]:
+    """torch.compile mode of a variant: ``cudagraphs`` = inductor's "reduce-overhead" (CUDA graphs;
+    CPU ignores the graphs), ``compile`` = "default", else None (eager)."""
+    if "cudagraphs" in parts:
+        return "reduce-overhead"
+    return "default" if "compile" in parts else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,12 +210,14 @@ def build_model(preset: str, which: str):
     raise ValueError(f"model must be ours or diffusers, got {which!r}")
 
 
-def set_checkpointing(model, which: str) -> None:
+def set_checkpointing(model, which: str, kind=True) -> None:
     if which == "ours":
         from framework.unet import apply_activation_checkpointing
-        apply_activation_checkpointing(model)
-    else:
+        apply_activation_checkpointing(model, kind)
+    elif kind is True:
         model.unet.enable_gradient_checkpointing()
+    else:
+        raise ValueError(f"diffusers' UNet has no {kind!r} checkpointing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +435,7 @@ def _bench_config(preset: str, batch: int, parts: frozenset, device_kind: str):
     cfg.engine.zero_stage = 2
     cfg.engine.channels_last = "channels_last" in parts
     cfg.engine.compile = "compile" in parts
-    cfg.engine.activation_checkpointing = "ckpt" in parts
+    cfg.engine.activation_checkpointing = checkpointing(parts)
     cfg.engine.device = device_kind
     cfg.optim.warmup_steps = 0
     return cfg
@@ -489,15 +506,105 @@ def _runners(spec: dict) -> list[tuple[str, str]]:
     return [(m, v) for m, v in spec["runners"]]
 
 
+def _engine_setup(cfg, kind: str, engine_kind: str):
+    """(DeepSpeed config or None, weight/input dtype, precision label) of the bench's engine."""
+    import torch
+
+    from framework import engine as E
+    if engine_kind == "deepspeed":
+        denv = E.init_distributed(kind)
+        ds_config = E.build_ds_config(cfg, denv.world_size, kind)
+        dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+        return ds_config, dtype, "bf16" if dtype == torch.bfloat16 else "fp32"
+    # plain torch: fp32 weights, autocast bf16 on CUDA
+    return None, torch.float32, "autocast-bf16" if kind == "cuda" else "fp32"
+
+
+def _extra_warmup(parts: frozenset) -> int:
+    """Untimed calls a variant needs beyond --warmup: compilation (1), CUDA-graph recording (3)."""
+    return {None: 0, "default": 1, "reduce-overhead": 3}[compile_mode(parts)]
+
+
+class TrainStep:
+    """One (model, variant) as ``framework.engine.train`` runs it: ``step(x0, ctx, mask)`` does
+    q_sample, eps_theta, L_simple, engine.backward, engine.step, the EMA update and loss.item(). The
+    t / eps stream is seeded alike for every runner; any batch size (the engine does not fix it)."""
+
+    def __init__(self, preset: str, which: str, parts: frozenset, device, engine_kind: str, cfg,
+                 ds_config: Optional[dict], ema: bool = True):
+        import torch
+
+        from framework import diffusion as D
+        from framework import engine as E
+        self.engine_kind, self.parts, self.device = engine_kind, parts, device
+        self.sched = D.Schedule.from_config(cfg.diffusion)
+        self.grad_clip = cfg.optim.grad_clip
+        torch.manual_seed(0)
+        with torch.device(device):              # initialise on the GPU: seconds, not a minute, at SD2
+            model = build_model(preset, which)
+        if checkpointing(parts):
+            set_checkpointing(model, which, checkpointing(parts))
+        # channels_last as engine.train does it: the input only (the convolutions follow it);
+        # channels_last weights break deepspeed.initialize (its broadcast views them as uint8)
+        self.model = model = model.to(device)
+        self.optimizer = E._optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
+        mode = compile_mode(parts)
+        if engine_kind == "deepspeed":
+            import deepspeed
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
+            self.module = self.engine.module
+            if mode:                            # as engine.train: DeepSpeed compiles the module in place
+                self.engine.compile(backend="inductor", compile_kwargs={"mode": mode})
+            self.forward = self.engine
+            self.dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+        else:
+            self.engine = self.module = model
+            self.forward = torch.compile(model, mode=mode) if mode else model
+            self.dtype = torch.float32
+        self.ema = E.EMA(self.module, zero3=False) if ema else None
+        self.module.train()
+        self.gen = torch.Generator(device=device).manual_seed(3)
+        self.autocast = engine_kind == "torch" and device.type == "cuda"
+        self.losses: list[float] = []
+        self.params = sum(p.numel() for p in self.module.parameters())
+        self.optimizer_name = type(self.optimizer).__name__ + \
+            ("(fused)" if self.optimizer.defaults.get("fused") else "")
+
+    def step(self, x0, ctx, mask=None) -> None:
+        import torch
+
+        from framework import diffusion as D
+        B = x0.shape[0]
+        t = torch.randint(1, self.sched.T + 1, (B,), generator=self.gen, device=self.device)
+        eps = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        x_t = D.q_sample(self.sched, x0, t, eps)
+        if "channels_last" in self.parts:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        if compile_mode(self.parts) == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        ac = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ac:
+            out = self.forward(x_t.to(self.dtype), t, ctx=ctx, ctx_mask=mask).float()
+        loss = D.training_loss(self.sched, out, x0, t, eps).mean()
+        if self.engine_kind == "deepspeed":
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(0.999)
+        self.losses.append(loss.item())          # the loop reads the loss every step too
+
+
 def run_train(spec: dict) -> list[dict]:
     """Training step of each (model, variant) in spec['runners'] at one preset, built in this process
     one after the other (peak memory per runner: build + warmup), then timed interleaved.
     spec = {preset, runners, batch, warmup, steps, device, engine ('deepspeed'|'torch'), ema, mask,
     peak_n, flops_per_image: {model: fwd+bwd FLOPs}}."""
     import torch
-
-    from framework import diffusion as D
-    from framework import engine as E
 
     kind, preset = spec["device"], spec["preset"]
     B = int(spec["batch"])
@@ -509,16 +616,8 @@ def run_train(spec: dict) -> list[dict]:
     probe = PeakProbe(device, torch.bfloat16 if kind == "cuda" else torch.float32, spec["peak_n"])
     probe()                                     # warm
     probe.rates = {k: [] for k in probe.rates}
-    if engine_kind == "deepspeed":
-        denv = E.init_distributed(kind)
-        ds_config = E.build_ds_config(cfg, denv.world_size, kind)
-        dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-        precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-    else:
-        dtype = torch.float32                   # plain torch: fp32 weights, autocast bf16 on CUDA
-        precision = "autocast-bf16" if kind == "cuda" else "fp32"
+    ds_config, dtype, precision = _engine_setup(cfg, kind, engine_kind)
     (c, h, w), (L, Dc) = input_shapes(preset)
-    sched = D.Schedule.from_config(cfg.diffusion)
     g = torch.Generator(device=device).manual_seed(1)
     x0 = torch.randn(B, c, h, w, generator=g, device=device)                   # one batch, reused
     ctx = torch.randn(B, L, Dc, generator=g, device=device).to(dtype)
@@ -528,51 +627,8 @@ def run_train(spec: dict) -> list[dict]:
         mask[:, L // 2:] = False
 
     def build(which: str, parts: frozenset):
-        torch.manual_seed(0)
-        with torch.device(device):              # initialise on the GPU: seconds, not a minute, at SD2
-            model = build_model(preset, which)
-        if "ckpt" in parts:
-            set_checkpointing(model, which)
-        # channels_last as engine.train does it: the input only (the convolutions follow it);
-        # channels_last weights break deepspeed.initialize (its broadcast views them as uint8)
-        model = model.to(device)
-        optimizer = E._optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
-        if engine_kind == "deepspeed":
-            import deepspeed
-            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-            module = engine.module
-        else:
-            engine = module = model
-        forward = torch.compile(engine) if "compile" in parts else engine
-        ema = E.EMA(module, zero3=False) if spec.get("ema", True) else None
-        module.train()
-        gen = torch.Generator(device=device).manual_seed(3)    # the same t, eps stream for every runner
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if engine_kind == "torch" and kind == "cuda"
-                    else contextlib.nullcontext())
-        losses = []
-
-        def step() -> None:
-            t = torch.randint(1, sched.T + 1, (B,), generator=gen, device=device)
-            eps = torch.randn(x0.shape, generator=gen, device=device)
-            x_t = D.q_sample(sched, x0, t, eps)
-            if "channels_last" in parts:
-                x_t = x_t.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                out = forward(x_t.to(dtype), t, ctx=ctx, ctx_mask=mask).float()
-            loss = D.training_loss(sched, out, x0, t, eps).mean()
-            if engine_kind == "deepspeed":
-                engine.backward(loss)
-                engine.step()
-            else:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(0.999)
-            losses.append(loss.item())          # the loop reads the loss every step too
-        opt_name = type(optimizer).__name__ + ("(fused)" if optimizer.defaults.get("fused") else "")
-        return step, losses, sum(p.numel() for p in module.parameters()), ema is not None, opt_name
+        r = TrainStep(preset, which, parts, device, engine_kind, cfg, ds_config, ema=spec.get("ema", True))
+        return (lambda: r.step(x0, ctx, mask)), r.losses, r.params, r.ema is not None, r.optimizer_name
 
     runners = {}
     for which, variant in _runners(spec):
@@ -580,7 +636,7 @@ def run_train(spec: dict) -> list[dict]:
         _trim()
         with PeakMemory(device) as mem:         # build + warmup: weights, optimizer state, activations
             step, losses, n_params, has_ema, opt_name = build(which, parts)
-            warm = _interleaved({"w": step}, spec["warmup"] + (1 if "compile" in parts else 0), device)["w"]
+            warm = _interleaved({"w": step}, spec["warmup"] + _extra_warmup(parts), device)["w"]
         runners[_key(which, variant)] = dict(model=which, variant=variant, step=step, losses=losses,
                                              params=n_params, ema=has_ema, optimizer=opt_name, warm=warm,
                                              mem=mem.result())
@@ -611,6 +667,31 @@ def run_train(spec: dict) -> list[dict]:
     return recs + _paired_summaries(spec, times, B)
 
 
+def sampling_net(preset: str, which: str, parts: frozenset, device, dtype) -> Callable:
+    """``model(x, t, cond_kwargs) -> eps`` (fp32) of an eval UNet in ``dtype``, as
+    ``framework.export.Pipeline`` builds it: channels_last weights and input, torch.compile by
+    ``unet.compile_for_inference`` (ours: one graph, static shapes; diffusers: the same without
+    insisting on one graph), CUDA graphs for ``cudagraphs``."""
+    import torch
+
+    from framework.export import network_fn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(preset, which)
+    model = model.to(dtype=dtype).eval().requires_grad_(False)
+    if "channels_last" in parts:
+        model = model.to(memory_format=torch.channels_last)
+    mode = compile_mode(parts)
+    net = model
+    if mode and which == "ours":
+        from framework.unet import compile_for_inference
+        net = compile_for_inference(model, mode)
+    elif mode:
+        net = torch.compile(model, mode=mode, dynamic=False)
+    return network_fn(net, dtype, "channels_last" in parts,
+                      cuda_graphs=mode == "reduce-overhead" and device.type == "cuda")
+
+
 def run_sample(spec: dict) -> list[dict]:
     """DDIM with classifier-free guidance (cond + uncond in one forward) for each (model, variant)
     in spec['runners'], timed interleaved. spec = {preset, runners, batch, sample_steps, repeats,
@@ -637,19 +718,7 @@ def run_sample(spec: dict) -> list[dict]:
     x_T = torch.randn(B, c, h, w, generator=g, device=device)
 
     def build(which: str, parts: frozenset):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = build_model(preset, which)
-        model = model.to(dtype=dtype).eval()
-        if "channels_last" in parts:            # weights too, as framework.export.Pipeline does
-            model = model.to(memory_format=torch.channels_last)
-        net = torch.compile(model) if "compile" in parts else model
-
-        def model_fn(x, t, kw):
-            if "channels_last" in parts:
-                x = x.contiguous(memory_format=torch.channels_last)
-            return net(x.to(dtype), t, **kw).float()
-
+        model_fn = sampling_net(preset, which, parts, device, dtype)
         fn = cfg_model(model_fn, cond, uncond, 7.5)
         outs = []
 
@@ -661,10 +730,11 @@ def run_sample(spec: dict) -> list[dict]:
     runners = {}
     for which, variant in _runners(spec):
         _trim()
+        parts = parse_variant(variant)
         with PeakMemory(device) as mem:
-            sample, outs = build(which, parse_variant(variant))
+            sample, outs = build(which, parts)
             t0 = time.perf_counter()
-            sample(min(2, S))                   # warmup (compiles under `compile`)
+            sample(min(2 + _extra_warmup(parts), S))     # warmup (compiles, records CUDA graphs)
             _sync(device)
             warm_s = time.perf_counter() - t0
         runners[_key(which, variant)] = dict(model=which, variant=variant, sample=sample, outs=outs,
@@ -695,6 +765,161 @@ def run_sample(spec: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Largest micro batch that fits
+# ---------------------------------------------------------------------------------------------
+def find_max_batch(probe: Callable[[int], tuple[bool, Optional[float]]], start: int, limit_mb: float,
+                   tol: float = 0.03, max_probes: int = 10) -> dict:
+    """Largest B with probe(B) -> (fits, peak_mb) true, to within ``tol`` (relative) or 1.
+
+    Memory grows linearly in B (weights, gradients and optimizer state fixed; activations per image),
+    so after two fitting probes the line through the fitting points predicts where ``limit_mb`` is
+    reached; each further probe tries the prediction (clamped inside the open interval between the
+    largest fit and the smallest failure) or, every other time, the midpoint. Doubling while there is
+    no failure and no line. Typically 4-6 probes to 3%."""
+    probes: list[dict] = []
+    lo, hi = 0, None
+    peaks: dict[int, float] = {}            # every measured peak, fitting or not: points of the line
+
+    def run(b: int) -> bool:
+        nonlocal lo, hi
+        ok, peak = probe(b)
+        probes.append({"batch": b, "fits": bool(ok), "peak_mb": _r(peak) if peak is not None else None})
+        if peak is not None:
+            peaks[b] = peak
+        if ok:
+            lo = max(lo, b)
+        else:
+            hi = b if hi is None else min(hi, b)
+        return ok
+
+    def predict() -> Optional[int]:
+        if len(peaks) < 2:
+            return None
+        xs, ys = zip(*sorted(peaks.items()))
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+        return int((limit_mb - (my - slope * mx)) / slope) if slope > 0 else None
+
+    b = max(1, int(start))
+    while not run(b):                       # a start that fits
+        if b == 1 or len(probes) >= max_probes:
+            break
+        b = max(1, b // 2)
+    if lo > 0 and hi is None and len(probes) < max_probes:
+        run(4 * lo)                         # the second point of the line, far enough for its slope
+    pred, bisect = None, False
+    while lo > 0 and len(probes) < max_probes and (hi is None or hi - lo > max(1, int(tol * lo))):
+        p = predict()
+        pred = p if p is not None else pred
+        if hi is None:                      # overshoot the line a little, so a probe soon brackets it
+            cand = max(p, int(lo * (1 + 2 * tol)) + 1) if p is not None else 2 * lo
+            cand = min(cand, 64 * lo)
+        elif p is not None and not bisect and lo < p < hi:
+            cand = max(lo + 1, min(p, hi - max(1, int(tol * hi / 2))))
+        else:                               # no line, or the line's last guess failed: halve the gap
+            cand = (lo + hi) // 2
+        if cand <= lo or (hi is not None and cand >= hi):
+            break
+        fitted = run(cand)
+        bisect = not fitted and not bisect  # after a failed guess, one bisection step
+    out = {"max_batch": lo, "first_fail": hi, "limit_mb": _r(limit_mb), "probes": probes,
+           "predicted": pred, "resolution": (hi - lo) if hi is not None else None}
+    fits_at = sorted((p["batch"], p["peak_mb"]) for p in probes if p["fits"] and p["peak_mb"] is not None)
+    if len(fits_at) >= 2:
+        (b0, m0), (b1, m1) = fits_at[0], fits_at[-1]
+        out.update(mb_per_image=_r((m1 - m0) / (b1 - b0)), fixed_mb=_r(m0 - (m1 - m0) / (b1 - b0) * b0))
+    return out
+
+
+def run_maxbatch(spec: dict) -> list[dict]:
+    """Largest micro batch for one (model, variant) and spec['what'] ('train': the TrainStep under
+    DeepSpeed ZeRO-2 with EMA, as run_train; 'sample': one CFG step, cond + uncond batched, so the
+    network sees 2B). A probe at B runs two steps (the second timed): it fits if neither runs out of
+    memory (CUDA) and the peak stays within spec['limit_mb'] (default: the device's memory; on CPU the
+    peak RSS of the process, so give a limit). After an out-of-memory error the runner is rebuilt."""
+    import torch
+
+    from framework.sampling import cfg_model
+    kind, preset, what = spec["device"], spec["preset"], spec["what"]
+    (which, variant), = spec["runners"]
+    parts = parse_variant(variant)
+    device = _device(kind)
+    if kind == "cuda":
+        torch.backends.cudnn.benchmark = True
+        total_mb = torch.cuda.get_device_properties(device).total_memory / 2 ** 20
+    else:
+        total_mb = None
+    limit = spec.get("limit_mb") or total_mb
+    if not limit:
+        raise ValueError("maxbatch on CPU needs --mem-limit-mb (the peak RSS a probe may reach)")
+    cfg = _bench_config(preset, 1, frozenset(), kind)
+    if what == "train":
+        ds_config, dtype, _ = _engine_setup(cfg, kind, "deepspeed")
+    else:
+        dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+    (c, h, w), (L, Dc) = input_shapes(preset)
+    state: dict = {}
+    times: dict[int, float] = {}
+
+    def build() -> None:
+        state.clear()
+        _trim()
+        if kind == "cuda":
+            torch.cuda.empty_cache()
+        if what == "train":
+            state["r"] = TrainStep(preset, which, parts, device, "deepspeed", cfg, ds_config, ema=True)
+        else:
+            state["r"] = sampling_net(preset, which, parts, device, dtype)
+
+    def once(B: int) -> None:
+        g = torch.Generator(device=device).manual_seed(B)
+        x = torch.randn(B, c, h, w, generator=g, device=device)
+        ctx = torch.randn(B, L, Dc, generator=g, device=device).to(dtype)
+        if what == "train":
+            state["r"].step(x, ctx)
+        else:
+            fn = cfg_model(state["r"], {"ctx": ctx}, {"ctx": torch.zeros(1, L, Dc, device=device, dtype=dtype)}, 7.5)
+            with torch.no_grad():
+                fn(x, torch.full((B,), 500, device=device, dtype=torch.long))
+
+    def probe(B: int) -> tuple[bool, Optional[float]]:
+        if "r" not in state:
+            build()
+            once(1)                              # optimizer state exists before any measurement
+        _trim()
+        with PeakMemory(device) as mem:
+            try:
+                once(B)
+                _sync(device)
+                t0 = time.perf_counter()
+                once(B)
+                _sync(device)
+                times[B] = time.perf_counter() - t0
+            except torch.OutOfMemoryError:
+                state.clear()                    # the engine's buffers are in an unknown state
+                return False, None
+        if kind == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20      # absolute: all the process holds
+        else:
+            peak = (mem._status("VmHWM") or 0) / 2 ** 20
+        return peak <= limit, peak
+
+    res = find_max_batch(probe, int(spec.get("start", 8)), float(limit), float(spec.get("tol", 0.03)),
+                         int(spec.get("max_probes", 10)))
+    rec = {"bench": "maxbatch", "what": what, "preset": preset, "model": which, "variant": variant,
+           "engine": "deepspeed-zero2" if what == "train" else "inference",
+           "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "input": [c, h, w], "context": [L, Dc],
+           "mem_kind": "cuda_max_memory_allocated" if kind == "cuda" else "rss_peak", **res}
+    if total_mb:
+        rec["device_mb"] = _r(total_mb)
+    B = res["max_batch"]
+    if B in times:
+        rec.update(step_s_at_max=_r(times[B]), images_per_s_at_max=_r(B / times[B]))
+    return [rec]
+
+
+# ---------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------
 def _run_worker(spec: dict) -> list[dict]:
@@ -703,7 +928,7 @@ def _run_worker(spec: dict) -> list[dict]:
     if spec.get("threads"):
         import torch
         torch.set_num_threads(int(spec["threads"]))
-    fn = {"train": run_train, "sample": run_sample}[spec["bench"]]
+    fn = {"train": run_train, "sample": run_sample, "maxbatch": run_maxbatch}[spec["bench"]]
     return fn(spec)
 
 
@@ -711,6 +936,11 @@ def _run_isolated(spec: dict, timeout: Optional[float]) -> list[dict]:
     cmd = [sys.executable, "-m", "tools.bench", "--worker", json.dumps(spec)]
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cuda" if spec["device"] == "cuda" else "cpu")
+    if spec["bench"] == "maxbatch" and spec["device"] == "cpu":
+        # a fixed mmap threshold: freed tensors go back to the OS, so one probe's peak RSS is not
+        # inflated by heap an earlier, larger probe left behind (glibc's default threshold adapts
+        # upwards after the first large free, and the heap then keeps that memory)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 * 1024))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(k, None)                          # each worker is its own world of one
     try:
@@ -762,7 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "CUDA: sd2,base64,tiny)")
     p.add_argument("--preset", action="append", default=None, help="one preset (repeatable; as --presets)")
     p.add_argument("--sections", default="peak,flops,train,sample,data",
-                   help="comma list of peak,flops,train,sample,data")
+                   help="comma list of peak,flops,train,sample,data,maxbatch (maxbatch: on request)")
     p.add_argument("--variants", default=None, help="comma list; parts base/channels_last/compile/ckpt "
                    "joined by '+' (default base,channels_last,compile; --quick: base)")
     p.add_argument("--diffusers-variants", default="same",
@@ -782,6 +1012,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default). On a shared, oversubscribed CPU "
                         "use 1: with more threads than free cores each op waits for a descheduled thread")
+    p.add_argument("--maxbatch", default="train,sample", help="maxbatch: what to size (train, sample)")
+    p.add_argument("--maxbatch-variants", default="base,ckpt",
+                   help="maxbatch: variants (ckpt: activation checkpointing; training only)")
+    p.add_argument("--maxbatch-start", default=None, help="maxbatch: first probe, N or preset=N (default 8)")
+    p.add_argument("--maxbatch-tol", type=float, default=0.03, help="maxbatch: relative resolution")
+    p.add_argument("--maxbatch-probes", type=int, default=10, help="maxbatch: most probes per search")
+    p.add_argument("--mem-limit-mb", type=float, default=None,
+                   help="maxbatch: memory a probe may use (CUDA default: the device's; CPU: required, "
+                        "the peak RSS of the probing process)")
     p.add_argument("--data-args", default=None, help="arguments for tools.bench_data (one string)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: batch 4, 1 warmup, 2 DDIM steps, tiny data, in-process, variant base")
@@ -828,7 +1067,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for p in presets:
         unet_config(p)                              # a typo fails now, not after minutes
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    bad = sections - {"peak", "flops", "train", "sample", "data"}
+    bad = sections - {"peak", "flops", "train", "sample", "data", "maxbatch"}
     if bad:
         raise SystemExit(f"unknown section(s) {sorted(bad)}")
     q = args.quick
@@ -931,6 +1170,17 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                       "ours_images_per_s": best_o[1], "diffusers_base_images_per_s": base_d,
                       "ours_best_over_diffusers_base": _r(best_o[1] / base_d), "paired": group == "preset"})
 
+    def summarize_maxbatch(preset: str, what: str) -> None:
+        """ours over diffusers in largest micro batch, per variant."""
+        got = {(r["model"], r["variant"]): r["max_batch"] for r in results
+               if r.get("bench") == "maxbatch" and r.get("preset") == preset and r.get("what") == what
+               and "max_batch" in r}
+        for (m, v), b in sorted(got.items()):
+            d = got.get(("diffusers", v))
+            if m == "ours" and d:
+                emit({"bench": "ratio", "what": f"maxbatch/{what}", "preset": preset, "variant": v,
+                      "ours_max_batch": b, "diffusers_max_batch": d, "ours_over_diffusers": _r(b / d)})
+
     # ---- training step and CFG sampling: groups of (model, variant) runners ----------------------
     for bench in ("train", "sample"):
         if bench not in sections:
@@ -939,9 +1189,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             recs: dict[tuple[str, str], dict] = {}
             runs = []
             for v in variants:
-                if bench == "sample" and "ckpt" in parse_variant(v):
+                if bench == "sample" and checkpointing(parse_variant(v)):
                     continue                          # checkpointing does nothing without backward
-                runs.append([["ours", v]] + ([["diffusers", v]] if v in diff_variants else []))
+                with_d = v in diff_variants and not (parse_variant(v) & OURS_ONLY_PARTS)
+                runs.append([["ours", v]] + ([["diffusers", v]] if with_d else []))
             groups = [sum(runs, [])] if group == "preset" else runs
             for runners in groups:
                 if not runners:
@@ -964,6 +1215,34 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                         recs[(rec["model"], rec["variant"])] = rec
                     emit(rec)
             summarize(bench, p, recs)
+
+    # ---- largest micro batch: one process per (what, model, variant) ------------------------------
+    if "maxbatch" in sections:
+        if kind == "cpu" and not args.mem_limit_mb:
+            raise SystemExit("--sections maxbatch on CPU needs --mem-limit-mb")
+        mb_start = _per_preset(args.maxbatch_start, {p: 8 for p in presets}, presets)
+        mb_variants = [v.strip() for v in args.maxbatch_variants.split(",") if v.strip()]
+        for v in mb_variants:
+            parse_variant(v)
+        for what in [w.strip() for w in args.maxbatch.split(",") if w.strip()]:
+            if what not in ("train", "sample"):
+                raise SystemExit(f"--maxbatch: train and/or sample, not {what!r}")
+            for p in presets:
+                for v in mb_variants:
+                    if what == "sample" and checkpointing(parse_variant(v)):
+                        continue
+                    with_d = with_diff and not (parse_variant(v) & OURS_ONLY_PARTS)
+                    for m in ["ours"] + (["diffusers"] if with_d else []):
+                        info = {"what": f"maxbatch/{what}", "preset": p, "runners": [[m, v]]}
+                        if over_budget(info):
+                            continue
+                        spec = {"bench": "maxbatch", "what": what, "device": kind, "preset": p,
+                                "runners": [[m, v]], "limit_mb": args.mem_limit_mb, "start": mb_start[p],
+                                "tol": args.maxbatch_tol, "max_probes": args.maxbatch_probes,
+                                "threads": args.threads}
+                        for rec in _measure(spec, isolate, args.timeout):
+                            emit(rec)
+                summarize_maxbatch(p, what)
 
     # ---- data loading -----------------------------------------------------------------------------
     if "data" in sections and not over_budget({"what": "data"}):

@@ -6,20 +6,23 @@
 #   PATH=$PWD/.venv/bin:$PATH bash ../shared/gpu/wheels.sh diffusers importlib_metadata
 # There, from the repository root, with .whl carried:
 #   bash tools/bench_gpu.sh [PHASE ...]
-# PHASE: smoke | train | sample | rest | data | all (default: all = smoke train sample rest data).
-#   smoke   tiny preset, --quick: catches a broken environment in ~1 minute
-#   train   SD2 (32x32x4 latents, 77x1024 context): peak, FLOPs, training step, variants
-#           base, channels_last, compile; ours vs diffusers (same DeepSpeed ZeRO-2 bf16 engine)
-#   sample  SD2 DDIM 50 steps, CFG batched, batch 32: variants base, channels_last, compile
-#   rest    base64 and tiny presets, train + sample, variants base, channels_last
-#   data    tools.bench_data through tools.bench (JPEG shards vs bare decode)
-# Phases run in that order while BENCH_BUDGET seconds (default 480) last; a measurement that would
-# start later is skipped (a "skipped" record says so). Every phase appends to $OUT/bench.jsonl as it
-# goes (stderr to $OUT/bench.log), so a run cut short still returns what it measured.
-#
-# Knobs (environment): BENCH_DEVICE (cuda), BENCH_BUDGET (480), BENCH_MAIN (sd2), BENCH_REST
-# (base64,tiny), BENCH_VARIANTS (base,channels_last,compile), BENCH_REST_VARIANTS
-# (base,channels_last), BENCH_ARGS (extra arguments for every tools.bench call).
+# PHASE: smoke | train | sample | maxbatch | compile | rest | data | all
+#        (default: all = smoke train sample maxbatch compile rest data, most telling first).
+#   smoke    tiny preset, --quick: catches a broken environment in ~1 minute
+#   train    SD2 (32x32x4 latents, 77x1024 context): peak, FLOPs, training step, variants
+#            base, channels_last; ours vs diffusers (same DeepSpeed ZeRO-2 bf16 engine), batch 64
+#   sample   SD2 DDIM 50 steps, CFG batched, batch 32: variants base, channels_last
+#   maxbatch SD2 largest micro batch in the H200's memory: training (base, ckpt) and sampling,
+#            ours and diffusers (4-7 probes each, 3% resolution)
+#   compile  SD2 train with channels_last+compile, sample with channels_last+compile and
+#            channels_last+cudagraphs (torch.compile mode reduce-overhead), ours vs diffusers
+#   rest     base64 and tiny presets, train + sample, variants base, channels_last
+#   data     tools.bench_data through tools.bench (JPEG shards vs bare decode)
+# Knobs (environment): BENCH_DEVICE (cuda), BENCH_BUDGET (540), BENCH_MAIN (sd2), BENCH_REST
+# (base64,tiny), BENCH_VARIANTS (base,channels_last), BENCH_COMPILE_TRAIN (channels_last+compile),
+# BENCH_COMPILE_SAMPLE (channels_last+compile,channels_last+cudagraphs), BENCH_MAXBATCH_VARIANTS
+# (base,ckpt), BENCH_REST_VARIANTS (base,channels_last), BENCH_ARGS (extra arguments for every
+# tools.bench call).
 # BENCH_NO_WHEELS=1 (use the installed packages), PYTHON (python3). Dry run on a CPU box:
 #   BENCH_NO_WHEELS=1 PYTHON=.venv/bin/python BENCH_DEVICE=cpu BENCH_MAIN=tiny BENCH_REST= \
 #   BENCH_VARIANTS=base BENCH_ARGS="--threads 1 --batch 2 --steps 1 --sample-batch 1 --sample-steps 2" \
@@ -29,15 +32,18 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/bench_out}
 mkdir -p "$OUT"
 DEV=${BENCH_DEVICE:-cuda}
-BUDGET=${BENCH_BUDGET:-480}
+BUDGET=${BENCH_BUDGET:-540}
 MAIN=${BENCH_MAIN:-sd2}
 REST=${BENCH_REST-base64,tiny}
-VARIANTS=${BENCH_VARIANTS:-base,channels_last,compile}
+VARIANTS=${BENCH_VARIANTS:-base,channels_last}
+COMPILE_TRAIN=${BENCH_COMPILE_TRAIN:-channels_last+compile}
+COMPILE_SAMPLE=${BENCH_COMPILE_SAMPLE:-channels_last+compile,channels_last+cudagraphs}
+MAXBATCH_VARIANTS=${BENCH_MAXBATCH_VARIANTS:-base,ckpt}
 REST_VARIANTS=${BENCH_REST_VARIANTS:-base,channels_last}
 read -r -a EXTRA <<< "${BENCH_ARGS:-}"
 PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(all)
-[ "${PHASES[0]}" = all ] && PHASES=(smoke train sample rest data)
+[ "${PHASES[0]}" = all ] && PHASES=(smoke train sample maxbatch compile rest data)
 
 # carried wheels (deepspeed, webdataset, diffusers, ...) into /tmp/site
 if [ -z "${BENCH_NO_WHEELS:-}" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -76,9 +82,13 @@ for phase in "${PHASES[@]}"; do
     smoke)  bench smoke --presets tiny --quick --steps 2 --sections train,sample ;;
     train)  bench train --presets "$MAIN" --sections peak,flops,train --variants "$VARIANTS" ;;
     sample) bench sample --presets "$MAIN" --sections sample --variants "$VARIANTS" ;;
+    maxbatch) bench maxbatch --presets "$MAIN" --sections maxbatch --maxbatch-variants "$MAXBATCH_VARIANTS" ;;
+    compile)
+      bench compile-train --presets "$MAIN" --sections train --variants "$COMPILE_TRAIN"
+      bench compile-sample --presets "$MAIN" --sections sample --variants "$COMPILE_SAMPLE" ;;
     rest)   [ -n "$REST" ] && bench rest --presets "$REST" --sections flops,train,sample --variants "$REST_VARIANTS" ;;
     data)   bench data --sections data ;;
-    *) echo "unknown phase $phase (smoke|train|sample|rest|data|all)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (smoke|train|sample|maxbatch|compile|rest|data|all)" >&2; exit 2 ;;
   esac
 done
 echo "done in $((SECONDS - START)) s; results: $OUT/bench.jsonl" >&2
