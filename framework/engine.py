@@ -456,6 +456,8 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
         # engine's own forward, its hooks (ZeRO-3 gathering) and backward stay outside the graph
         engine.compile(backend=cfg.engine.compile_backend, compile_kwargs=compile_kwargs(cfg.engine))
     forward = engine
+    cuda_graphs = cfg.engine.compile and device.type == "cuda" and \
+        cfg.engine.compile_backend == "inductor" and cfg.engine.compile_mode in ("reduce-overhead", "max-autotune")
     ema = EMA(engine.module, zero3=cfg.engine.zero_stage == 3)
     sched = D.Schedule.from_config(cfg.diffusion)
 
@@ -521,6 +523,8 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
                 x_t = D.q_sample(sched, x0, t, eps)
                 if cfg.engine.channels_last:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
+                if cuda_graphs:     # a new replay: the previous step's graph outputs are dead
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = forward(x_t.to(dtype), t, **cond_kwargs).float()
                 if cfg.task == "classifier":
                     # -- noisy classifier p(y | x_t, t): cross-entropy on the noised image
