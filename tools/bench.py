@@ -835,9 +835,10 @@ def find_max_batch(probe: Callable[[int], tuple[bool, Optional[float]]], start: 
 def run_maxbatch(spec: dict) -> list[dict]:
     """Largest micro batch for one (model, variant) and spec['what'] ('train': the TrainStep under
     DeepSpeed ZeRO-2 with EMA, as run_train; 'sample': one CFG step, cond + uncond batched, so the
-    network sees 2B). A probe at B runs two steps (the second timed): it fits if neither runs out of
-    memory (CUDA) and the peak stays within spec['limit_mb'] (default: the device's memory; on CPU the
-    peak RSS of the process, so give a limit). After an out-of-memory error the runner is rebuilt."""
+    network sees 2B). A probe at B runs two training steps (the second timed) or one sampling step:
+    it fits if none runs out of memory (CUDA) and the peak stays within spec['limit_mb'] (default:
+    the device's memory; on CPU the peak RSS of the process, so give a limit). After an
+    out-of-memory error the runner is rebuilt."""
     import torch
 
     from framework.sampling import cfg_model
@@ -890,8 +891,9 @@ def run_maxbatch(spec: dict) -> list[dict]:
         _trim()
         with PeakMemory(device) as mem:
             try:
-                once(B)
-                _sync(device)
+                if what == "train":              # a forward alone costs little; a second step would
+                    once(B)                      # double the search time at large sampling batches
+                    _sync(device)
                 t0 = time.perf_counter()
                 once(B)
                 _sync(device)
