@@ -599,6 +599,14 @@ class TrainStep:
         self.losses.append(loss.item())          # the loop reads the loss every step too
 
 
+def _throughput(flops_per_image: float, images_per_s: float, peak: dict) -> dict:
+    """FLOPs per image, achieved TFLOP/s and MFU against the peak probe of the same run."""
+    tflops = flops_per_image * images_per_s / 1e12
+    return {"flops_per_image": flops_per_image, "tflops": _r(tflops), "peak_tflops": peak["tflops"],
+            "peak_kind": f'{peak["kind"]} {peak["dtype"]}',
+            "mfu": _r(tflops / peak["tflops"]) if peak["tflops"] else None}
+
+
 def run_train(spec: dict) -> list[dict]:
     """Training step of each (model, variant) in spec['runners'] at one preset, built in this process
     one after the other (peak memory per runner: build + warmup), then timed interleaved.
@@ -659,9 +667,7 @@ def run_train(spec: dict) -> list[dict]:
                "images_per_s": _r(ips), "loss_finite": all(math.isfinite(x) for x in r["losses"])}
         fpi = (spec.get("flops_per_image") or {}).get(r["model"])
         if fpi:
-            rec.update(flops_per_image=fpi, tflops=_r(fpi * ips / 1e12), peak_tflops=peak["tflops"],
-                       peak_kind=f'{peak["kind"]} {peak["dtype"]}',
-                       mfu=_r(fpi * ips / 1e12 / peak["tflops"]) if peak["tflops"] else None)
+            rec.update(_throughput(fpi, ips, peak))
         rec.update(r["mem"])
         recs.append(rec)
     return recs + _paired_summaries(spec, times, B)
@@ -755,10 +761,7 @@ def run_sample(spec: dict) -> list[dict]:
                "images_per_s": _r(ips), "finite": all(r["outs"])}
         fwd = (spec.get("flops_fwd_per_image") or {}).get(r["model"])
         if fwd:
-            per_img = 2 * fwd * S                  # cond + uncond forward at every step
-            rec.update(flops_per_image=per_img, tflops=_r(per_img * ips / 1e12), peak_tflops=peak["tflops"],
-                       peak_kind=f'{peak["kind"]} {peak["dtype"]}',
-                       mfu=_r(per_img * ips / 1e12 / peak["tflops"]) if peak["tflops"] else None)
+            rec.update(_throughput(2 * fwd * S, ips, peak))     # cond + uncond forward at every step
         rec.update(r["mem"])
         recs.append(rec)
     return recs + _paired_summaries(spec, times, B)
