@@ -456,8 +456,9 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
         # engine's own forward, its hooks (ZeRO-3 gathering) and backward stay outside the graph
         engine.compile(backend=cfg.engine.compile_backend, compile_kwargs=compile_kwargs(cfg.engine))
     forward = engine
+    from .unet import CUDA_GRAPH_MODES
     cuda_graphs = cfg.engine.compile and device.type == "cuda" and \
-        cfg.engine.compile_backend == "inductor" and cfg.engine.compile_mode in ("reduce-overhead", "max-autotune")
+        cfg.engine.compile_backend == "inductor" and cfg.engine.compile_mode in CUDA_GRAPH_MODES
     ema = EMA(engine.module, zero3=cfg.engine.zero_stage == 3)
     sched = D.Schedule.from_config(cfg.diffusion)
 

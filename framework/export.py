@@ -568,9 +568,9 @@ class Pipeline:
 
     def network(self) -> Callable:
         """``model(x, t, cond_kwargs) -> eps`` in float32, for ``sampling.cfg_model``."""
+        from .unet import CUDA_GRAPH_MODES
         return network_fn(self._net, self.dtype, self.channels_last,
-                          cuda_graphs=self.compile_mode in ("reduce-overhead", "max-autotune")
-                          and self.device.type == "cuda")
+                          cuda_graphs=self.compile_mode in CUDA_GRAPH_MODES and self.device.type == "cuda")
 
     def model_fn(self, cond, uncond, guidance_scale: float, rescale: float = 0.0) -> ModelFn:
         """The classifier-free guided eps model fn(x, t) for Conditions ``cond`` / ``uncond``."""

@@ -406,6 +406,7 @@ def apply_activation_checkpointing(unet: nn.Module, enabled: Union[bool, str] = 
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")     # inductor records CUDA graphs in these
 
 
 def compile_for_inference(unet: nn.Module, mode: Union[bool, str] = True, backend: str = "inductor"):
