@@ -775,10 +775,11 @@ def find_max_batch(probe: Callable[[int], tuple[bool, Optional[float]]], start: 
     """Largest B with probe(B) -> (fits, peak_mb) true, to within ``tol`` (relative) or 1.
 
     Memory grows linearly in B (weights, gradients and optimizer state fixed; activations per image),
-    so after two fitting probes the line through the fitting points predicts where ``limit_mb`` is
-    reached; each further probe tries the prediction (clamped inside the open interval between the
-    largest fit and the smallest failure) or, every other time, the midpoint. Doubling while there is
-    no failure and no line. Typically 4-6 probes to 3%."""
+    so after two probes (start, 4 x start) a least-squares line through every measured peak predicts
+    where ``limit_mb`` is reached. Without a failure yet, the next probe aims a little past the line
+    (so one soon brackets the limit); then it aims a little below the smallest failure, or, right
+    after a guess that failed, bisects the gap once. Without peaks (out-of-memory errors report
+    none) it doubles / bisects. Typically 4-7 probes to 3%."""
     probes: list[dict] = []
     lo, hi = 0, None
     peaks: dict[int, float] = {}            # every measured peak, fitting or not: points of the line
