@@ -185,7 +185,8 @@ def test_cli_maxbatch_train_and_sample_on_cpu():
         assert "error" not in r, r
         assert r["max_batch"] >= 8 and r["first_fail"] > r["max_batch"], r
         for p in r["probes"]:
-            assert p["fits"] == (p["peak_mb"] <= limit), p
+            if abs(p["peak_mb"] - limit) > 0.1:          # the record rounds the peak to 0.1 MB
+                assert p["fits"] == (p["peak_mb"] <= limit), p
         fitting = {p["batch"] for p in r["probes"] if p["fits"]}
         assert r["max_batch"] == max(fitting) and r["first_fail"] not in fitting
         assert r["mb_per_image"] > 0 and r["images_per_s_at_max"] > 0

@@ -787,7 +787,7 @@ def find_max_batch(probe: Callable[[int], tuple[bool, Optional[float]]], start: 
     def run(b: int) -> bool:
         nonlocal lo, hi
         ok, peak = probe(b)
-        probes.append({"batch": b, "fits": bool(ok), "peak_mb": _r(peak) if peak is not None else None})
+        probes.append({"batch": b, "fits": bool(ok), "peak_mb": round(peak, 1) if peak is not None else None})
         if peak is not None:
             peaks[b] = peak
         if ok:
