@@ -30,7 +30,10 @@ NODELIST=${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}
 [ -n "$NODELIST" ] || fw_die "SLURM_JOB_NODELIST is unset"
 
 if [ -z "${MASTER_ADDR:-}" ]; then
-    MASTER_ADDR=$(scontrol show hostnames "$NODELIST" | head -n1)
+    # no `| head -n1`: under pipefail, head closing the pipe early can kill scontrol with SIGPIPE
+    # (more likely the longer the node list) and the job would exit here, silently, with 141
+    HOSTS=$(scontrol show hostnames "$NODELIST")
+    MASTER_ADDR=${HOSTS%%$'\n'*}
 fi
 [ -n "$MASTER_ADDR" ] || fw_die "no master address: 'scontrol show hostnames $NODELIST' printed nothing"
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}

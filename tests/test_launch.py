@@ -284,6 +284,22 @@ def slurm_env(bin_dir: str, job_id: int, **extra: str) -> dict:
     return env
 
 
+def test_slurm_master_is_the_first_host_of_a_long_node_list(tmp_path):
+    """`scontrol show hostnames` of a large allocation: the first host is the master, and reading
+    only that line must not kill the job (`| head -n1` under pipefail let scontrol die of SIGPIPE:
+    ~3% of jobs with two hosts, nearly all with thousands, exited 141 before printing anything)."""
+    bin_dir = str(tmp_path / "bin")
+    os.makedirs(bin_dir)
+    with open(os.path.join(bin_dir, "scontrol"), "w") as f:
+        f.write('#!/bin/sh\nseq -f "gpu%05g" 1 20000\n')
+    os.chmod(os.path.join(bin_dir, "scontrol"), 0o755)
+    env = slurm_env(bin_dir, 4242, FW_DRY_RUN="1", SLURM_JOB_NODELIST="gpu[00001-20000]")
+    for _ in range(5):
+        r = subprocess.run(["bash", "launch/slurm_body.sh", "configs/tiny.yaml"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "master gpu00001:24242" in r.stderr, (r.returncode, r.stderr[-2000:])
+
+
 def test_slurm_command(tmp_path):
     bin_dir = _stub_bin(str(tmp_path / "bin"))
     r = subprocess.run(["bash", "launch/slurm_body.sh", "configs/tiny.yaml", "a=1"], cwd=ROOT,
@@ -457,7 +473,9 @@ def test_slurm_body_preempt_requeue_resume(data, tmp_path):
 
     # -- 2. the requeued job: same command line, resumes from the checkpoint (resume=auto)
     log2 = str(tmp_path / "job2.log")
-    out2 = finish(start(body + overrides(data, run_dir, stopped_at + 2), env, log2, cwd=str(tmp_path)), log2)
+    p2 = start(body + overrides(data, run_dir, stopped_at + 2), env, log2, cwd=str(tmp_path))
+    out2 = finish(p2, log2)
+    assert p2.returncode == 0, f"exit {p2.returncode}: {out2[-4000:]}"
     assert f"resumed from {os.path.join(run_dir, 'checkpoints', latest)}" in out2, out2[-4000:]
     recs = records(run_dir, 2)
     assert [(r["step"], r["stopped_by_signal"]) for r in recs] == [(stopped_at + 2, False)] * 2, out2[-3000:]
