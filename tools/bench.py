@@ -65,6 +65,8 @@ if ROOT not in sys.path:                 # `python tools/bench.py` as well as `p
 PRESET_DIR = os.path.join(ROOT, "configs", "unet")
 RESULT_TAG = "BENCH_RESULT "
 
+from tools._cli import entry_point  # noqa: E402  (after the sys.path line: also run as a script)
+
 # Input shapes per preset: (C, H, W) of x_t, (L, D) of the text context (D from the preset).
 PRESETS = {
     "tiny": dict(hw=32, ctx_len=77),       # 32x32 RGB pixels
@@ -1043,7 +1045,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict]:
+def run(argv: Optional[list[str]] = None) -> list[dict]:
     # JSON lines go to the real stdout; everything else that writes to fd 1 (DeepSpeed's logger,
     # compiler output) is sent to stderr, so stdout stays parseable. Only when run as a program.
     json_out = sys.stdout
@@ -1280,5 +1282,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     return results
 
 
+main = entry_point(run)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

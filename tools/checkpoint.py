@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from typing import Optional
+from tools._cli import entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,10 +99,7 @@ def run(argv: Optional[list[str]] = None):
     raise AssertionError(args.command)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Console entry point (setup.py): exit status 0; ``run`` returns the result."""
-    run(argv)
-    return 0
+main = entry_point(run)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from typing import Optional
+from tools._cli import entry_point
 
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads made 2-thread
 # sampling 2x SLOWER than 1 thread (measured: 63-69 s vs 33-47 s for 100 guided samples); passive,
@@ -208,10 +209,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Console entry point (setup.py): exit status 0; ``run`` returns the result."""
-    run(argv)
-    return 0
+main = entry_point(run)
 
 
 if __name__ == "__main__":

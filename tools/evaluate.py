@@ -21,6 +21,7 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep (see tools/demo.py)
 from typing import Callable, Optional
+from tools._cli import entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,10 +130,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Console entry point (setup.py): exit status 0; ``run`` returns the result."""
-    run(argv)
-    return 0
+main = entry_point(run)
 
 
 if __name__ == "__main__":

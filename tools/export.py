@@ -12,6 +12,7 @@ import sys
 from typing import Optional
 
 from tools.checkpoint import add_export_args, run_export
+from tools._cli import entry_point
 
 
 def run(argv: Optional[list[str]] = None) -> dict:
@@ -20,10 +21,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     return run_export(add_export_args(p).parse_args(argv))
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Console entry point (setup.py): exit status 0; ``run`` returns the result."""
-    run(argv)
-    return 0
+main = entry_point(run)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Optional
 
 from framework.shards import format_report, inspect_shards
+from tools._cli import entry_point
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def run(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m tools.inspect_shards", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="+", help="shards.json, its folder, paths or brace patterns")
@@ -29,5 +31,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return report
 
 
+main = entry_point(run)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,6 +18,7 @@ import sys
 from typing import Optional
 
 from framework import shards as S
+from tools._cli import entry_point
 
 
 def parse_bytes(text: str) -> int:
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def run(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.source == "folder":
         src = S.folder_source(args.root, require_caption=not args.allow_missing_caption)
@@ -97,5 +98,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return m
 
 
+main = entry_point(run)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,9 +14,10 @@ import argparse
 import os
 import sys
 from typing import Optional
+from tools._cli import entry_point
 
 
-def main(argv: Optional[list[str]] = None):
+def run(argv: Optional[list[str]] = None):
     p = argparse.ArgumentParser(prog="python -m tools.precompute_text", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="input shards.json or its folder")
@@ -58,5 +59,8 @@ def main(argv: Optional[list[str]] = None):
     return m
 
 
+main = entry_point(run)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
