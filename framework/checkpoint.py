@@ -19,7 +19,6 @@ missing file) is never loaded: resume falls back to the previous complete tag wi
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -28,6 +27,8 @@ import subprocess
 import sys
 import warnings
 from typing import Any, Optional
+
+from .files import atomic_dir, atomic_write_text
 
 __all__ = ["TAG_RE", "tag_for", "tmp_tag_for", "ckpt_dir", "finalize", "validate", "complete_tags",
            "find_resume", "read_meta", "update_latest", "prune", "atomic_write_text", "rank_file",
@@ -55,34 +56,6 @@ def rank_file(tag_dir: str, rank: int) -> str:
 
 def ema_file(tag_dir: str, rank: int) -> str:
     return os.path.join(tag_dir, f"ema-rank{rank:05d}.pt")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str):
-    """Write a directory atomically: yields a temporary sibling to fill; on success it replaces
-    ``out`` (an existing one is removed first), on any error it is deleted and ``out`` is untouched."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _file_sizes(tag_dir: str) -> dict[str, int]:

@@ -198,12 +198,8 @@ def export_classifier(run_dir: str, out: str, checkpoint: Optional[str] = None, 
     ``out/model.safetensors`` (the NoisyClassifier state dict, fp32) and ``out/config.yaml``
     (format, model class, image, unet, diffusion, classifier, export provenance). Written into a
     temporary sibling and renamed. Returns the export summary."""
-    from . import checkpoint as ckpt
-
-    import yaml
-
     from .config import from_dict, to_dict
-    from .export import FORMAT, checkpoint_config, consolidate, find_checkpoint, save_state_dict
+    from .export import FORMAT, checkpoint_config, consolidate, find_checkpoint, write_inference_dir
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True)")
@@ -223,10 +219,7 @@ def export_classifier(run_dir: str, out: str, checkpoint: Optional[str] = None, 
               "model": {"class": "framework.classifier.NoisyClassifier", "weights": "model", "dtype": "fp32"},
               "image": {"size": cfg.data.image_size, "channels": cfg.unet.in_channels},
               "unet": d["unet"], "diffusion": d["diffusion"], "classifier": d["classifier"], "export": summary}
-    with ckpt.atomic_dir(out) as tmp:
-        save_state_dict({k: sd[k].float() for k in ref}, tmp, "model", metadata={"task": "classifier"})
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False, default_flow_style=None)
+    write_inference_dir(out, {k: sd[k].float() for k in ref}, config, metadata={"task": "classifier"})
     return dict(summary, out=out)
 
 
@@ -248,7 +241,7 @@ def load_classifier(path: str, device: Union[str, torch.device] = "cpu",
     if "format" in raw:                                   # an export directory
         if raw.get("task") != "classifier":
             raise ValueError(f"{path}: an export of a {raw.get('task', 'diffusion')!r} model, not a classifier")
-        from .export import load_state_dict_dir
+        from .weights import load_state_dict_dir
         cfg = Config(task="classifier", unet=from_dict(raw["unet"], UNetConfig),
                      diffusion=from_dict(raw["diffusion"], DiffusionConfig),
                      classifier=from_dict(raw["classifier"], ClassifierConfig))
@@ -351,10 +344,10 @@ class ClassifierGuide:
         then equals ``ddpm_sample(model_fn, ..., classifier_grad=grad_fn(y), classifier_scale=scale)``.
         Not the mean shift under DDIM's strided steps, nor with clip_x0 (the clamp of x_0 is not linear
         in eps): use the eps form there."""
-        from .diffusion import _check_sched, check_t, p_mean_from_eps
-        from .sampling import _check_scale
-        _check_sched(sched)
-        scale = _check_scale("classifier scale", scale)
+        from .diffusion import check_schedule, check_t, p_mean_from_eps
+        from .sampling import check_scale
+        check_schedule(sched)
+        scale = check_scale("classifier scale", scale)
         grad = self.grad_fn(y)
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -406,11 +399,11 @@ class ClassifierGuide:
         if form == "mean":
             if sampler != "ddpm":
                 raise ValueError("the mean-shift form of classifier guidance is ancestral: use sampler='ddpm'")
-            return ddpm_sample(model_fn, x_T, sched, generator, classifier_grad=self.grad_fn(y),
+            return ddpm_sample(model_fn, x_T, sched, generator=generator, classifier_grad=self.grad_fn(y),
                                classifier_scale=scale, **kw)
         fn = self.eps_model(model_fn, y, scale, sched)
         if sampler == "ddpm":
-            return ddpm_sample(fn, x_T, sched, generator, **kw)
+            return ddpm_sample(fn, x_T, sched, generator=generator, **kw)
         return ddim_sample(fn, x_T, sched, steps=steps, eta=eta, generator=generator, **kw)
 
 

@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .files import atomic_write_text
+
 __all__ = [
     "Config", "DataConfig", "TextConfig", "UNetConfig", "DiffusionConfig", "OptimConfig",
     "EngineConfig", "CheckpointConfig", "SampleConfig", "LogConfig", "ClassifierConfig",
@@ -134,6 +136,8 @@ class EngineConfig:
     compile_backend: str = "inductor"   # any torch.compile backend ("aot_eager": trace-only, for debugging)
     device: str = "auto"
     max_nonfinite: int = 10         # this many non-finite losses in a row abort
+    skip_nonfinite: bool = True     # skip a step whose loss is non-finite on any rank (one device read per
+                                    # micro step); false: no read, a non-finite loss aborts at the next log
     log_every: int = 10
     sample_every: int = 0           # 0: no sample grids during training
     progress: bool = True
@@ -162,6 +166,7 @@ class SampleConfig:
 
 @dataclass
 class LogConfig:
+    lines: bool = True              # a text line per logged step where stderr is not a terminal (no bar)
     jsonl: bool = True
     tensorboard: bool = True        # when installed
 
@@ -383,11 +388,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 def save_config(cfg: Any, path: str) -> None:
     """Write the resolved config (atomically) so every run and export records what made it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
 
 
 def parse_cli(argv: Optional[list[str]] = None, cls: type = Config) -> Any:

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Union
 import torch
 
 __all__ = [
-    "Schedule", "PREDICTIONS", "check_t",
+    "Schedule", "PREDICTIONS", "check_t", "check_schedule", "randn_like",
     "q_sample", "q_posterior", "sample_t",
     "training_target", "training_loss", "lt_weight", "min_snr_weight",
     "eps_from_pred", "x0_from_pred", "x0_from_eps", "eps_from_x0", "v_from_eps",
@@ -159,8 +159,9 @@ class Schedule:
 
     def gather(self, table: torch.Tensor, t: TimeLike, like: torch.Tensor) -> torch.Tensor:
         """table[t] shaped (B, 1, ..., 1) to broadcast against `like` (B, ...), in like's dtype and
-        device. t may be 0..T here (tables are indexed 0..T); public functions check 1..T."""
-        t = check_t(self, t, like, lo=0)
+        device. t may be 0..T here (tables are indexed 0..T); the public functions that call it have
+        checked t's range already, so this checks its shape only (no host read of t)."""
+        t = check_t(self, t, like, lo=0, check_range=False)
         dtype = like.dtype if like.is_floating_point() else torch.float32
         v = self.table(table, dtype, like.device)[t]
         return v.view(-1, *([1] * (like.ndim - 1)))
@@ -169,7 +170,7 @@ class Schedule:
 # ---------------------------------------------------------------------------------------------
 # Input checks
 # ---------------------------------------------------------------------------------------------
-def _check_sched(sched) -> Schedule:
+def check_schedule(sched) -> Schedule:
     if not isinstance(sched, Schedule):
         raise TypeError(f"expected a Schedule, got {type(sched).__name__} (check the argument order: "
                         "q_sample(sched, x0, t, eps), score_from_eps(eps, t, sched))")
@@ -177,10 +178,14 @@ def _check_sched(sched) -> Schedule:
 
 
 def check_t(sched: Schedule, t: TimeLike, like: Optional[torch.Tensor] = None, lo: int = 1,
-            batch: Optional[int] = None) -> torch.Tensor:
+            batch: Optional[int] = None, check_range: bool = True) -> torch.Tensor:
     """Validate t against the batch (of `like`, or `batch`) and the range lo..T; return int64 (B,)
     on like's device (t's own device when like is None). A Python int or a 0-d / (1,) tensor is
-    broadcast to the batch; with neither like nor batch, B is t's length (1 for an int)."""
+    broadcast to the batch; with neither like nor batch, B is t's length (1 for an int).
+
+    The range check of a tensor reads its min and max on the host: a device synchronisation. The
+    framework's own t (drawn in 1..T by the trainer) skips it (``check_range=False``, the public
+    functions' ``trusted=True``); user-facing calls keep it. Shape and dtype checks cost nothing."""
     if like is not None:
         if not isinstance(like, torch.Tensor) or like.ndim < 1:
             raise ValueError("expected a batched tensor (B, ...)")
@@ -208,7 +213,7 @@ def check_t(sched: Schedule, t: TimeLike, like: Optional[torch.Tensor] = None, l
         t = t.to(device=device, dtype=torch.int64)
     else:
         raise ValueError(f"t must be an int or an int64 tensor, got {type(t).__name__}")
-    if B > 0:
+    if B > 0 and check_range:
         tmin, tmax = int(t.min()), int(t.max())
         if tmin < lo or tmax > sched.T:
             raise ValueError(f"timestep out of range: got t in [{tmin}, {tmax}], expected "
@@ -237,11 +242,13 @@ def _check_prediction(prediction: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Forward process and posterior
 # ---------------------------------------------------------------------------------------------
-def q_sample(sched: Schedule, x0: torch.Tensor, t: TimeLike, eps: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, a sample of q(x_t | x_0). t in 0..T."""
-    _check_sched(sched)
+def q_sample(sched: Schedule, x0: torch.Tensor, t: TimeLike, eps: torch.Tensor, *,
+             trusted: bool = False) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, a sample of q(x_t | x_0). t in 0..T.
+    ``trusted``: t was drawn in range by the caller (no host read of t, see ``check_t``)."""
+    check_schedule(sched)
     _check_same_shape(x0=x0, eps=eps)
-    t = check_t(sched, t, x0, lo=0)
+    t = check_t(sched, t, x0, lo=0, check_range=not trusted)
     return sched.gather(sched.sqrt_abar, t, x0) * x0 + sched.gather(sched.sqrt_one_minus_abar, t, x0) * eps
 
 
@@ -250,7 +257,7 @@ def q_posterior(sched: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t: TimeLik
 
     mean = mu_tilde_t = sqrt(abar_{t-1}) beta_t/(1-abar_t) x_0 + sqrt(alpha_t)(1-abar_{t-1})/(1-abar_t) x_t
     var  = beta_tilde_t (= 0 at t = 1)."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_same_shape(x0=x0, x_t=x_t)
     t = check_t(sched, t, x_t)
     mean = sched.gather(sched.post_coef_x0, t, x_t) * x0 + sched.gather(sched.post_coef_xt, t, x_t) * x_t
@@ -276,7 +283,7 @@ def sample_t(batch: int, T: int, generator: Optional[torch.Generator] = None,
 # ---------------------------------------------------------------------------------------------
 def x0_from_eps(eps: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Schedule) -> torch.Tensor:
     """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_same_shape(eps=eps, x_t=x_t)
     t = check_t(sched, t, x_t)
     return (x_t - sched.gather(sched.sqrt_one_minus_abar, t, x_t) * eps) / sched.gather(sched.sqrt_abar, t, x_t)
@@ -284,17 +291,18 @@ def x0_from_eps(eps: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Schedu
 
 def eps_from_x0(x0: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Schedule) -> torch.Tensor:
     """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_same_shape(x0=x0, x_t=x_t)
     t = check_t(sched, t, x_t)
     return (x_t - sched.gather(sched.sqrt_abar, t, x_t) * x0) / sched.gather(sched.sqrt_one_minus_abar, t, x_t)
 
 
-def v_from_eps(eps: torch.Tensor, x0: torch.Tensor, t: TimeLike, sched: Schedule) -> torch.Tensor:
+def v_from_eps(eps: torch.Tensor, x0: torch.Tensor, t: TimeLike, sched: Schedule, *,
+               trusted: bool = False) -> torch.Tensor:
     """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022)."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_same_shape(eps=eps, x0=x0)
-    t = check_t(sched, t, x0)
+    t = check_t(sched, t, x0, check_range=not trusted)
     return sched.gather(sched.sqrt_abar, t, x0) * eps - sched.gather(sched.sqrt_one_minus_abar, t, x0) * x0
 
 
@@ -302,7 +310,7 @@ def eps_from_pred(pred: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Sch
                   prediction: str = "eps") -> torch.Tensor:
     """The eps implied by a model output of kind `prediction` (eps | v | x0) at x_t.
     v: eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_prediction(prediction)
     _check_same_shape(pred=pred, x_t=x_t)
     t = check_t(sched, t, x_t)
@@ -317,7 +325,7 @@ def x0_from_pred(pred: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Sche
                  prediction: str = "eps") -> torch.Tensor:
     """The x_0 implied by a model output of kind `prediction` (eps | v | x0) at x_t.
     v: x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_prediction(prediction)
     _check_same_shape(pred=pred, x_t=x_t)
     t = check_t(sched, t, x_t)
@@ -330,21 +338,21 @@ def x0_from_pred(pred: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Sche
 
 def score_from_eps(eps: torch.Tensor, t: TimeLike, sched: Schedule) -> torch.Tensor:
     """s_theta(x_t, t) = -eps_theta(x_t, t) / sqrt(1 - abar_t) (lecture: DDPM vs NCSN)."""
-    _check_sched(sched)
+    check_schedule(sched)
     t = check_t(sched, t, eps)
     return -eps / sched.gather(sched.sqrt_one_minus_abar, t, eps)
 
 
 def eps_from_score(score: torch.Tensor, t: TimeLike, sched: Schedule) -> torch.Tensor:
     """eps = -sqrt(1 - abar_t) * score (inverse of `score_from_eps`)."""
-    _check_sched(sched)
+    check_schedule(sched)
     t = check_t(sched, t, score)
     return -sched.gather(sched.sqrt_one_minus_abar, t, score) * score
 
 
 def p_mean_from_eps(eps: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Schedule) -> torch.Tensor:
     """mu_theta(x_t, t) = 1/sqrt(alpha_t) * (x_t - (1 - alpha_t)/sqrt(1 - abar_t) * eps_theta)."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_same_shape(eps=eps, x_t=x_t)
     t = check_t(sched, t, x_t)
     return sched.gather(sched.recip_sqrt_alpha, t, x_t) * (x_t - sched.gather(sched.eps_coef, t, x_t) * eps)
@@ -352,7 +360,7 @@ def p_mean_from_eps(eps: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Sc
 
 def as_eps_model(model_fn: Callable, sched: Schedule, prediction: str = "eps") -> Callable:
     """Wrap `model_fn(x_t, t) -> pred` (eps | v | x0) as `fn(x_t, t) -> eps` in x_t's dtype."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_prediction(prediction)
 
     def fn(x, t):
@@ -369,30 +377,30 @@ def as_eps_model(model_fn: Callable, sched: Schedule, prediction: str = "eps") -
 # Losses
 # ---------------------------------------------------------------------------------------------
 def training_target(sched: Schedule, x0: torch.Tensor, t: TimeLike, eps: torch.Tensor,
-                    prediction: str = "eps") -> torch.Tensor:
+                    prediction: str = "eps", *, trusted: bool = False) -> torch.Tensor:
     """What the network regresses: eps, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, or x_0."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_prediction(prediction)
     _check_same_shape(x0=x0, eps=eps)
     if prediction == "eps":
-        check_t(sched, t, x0)
+        check_t(sched, t, x0, check_range=not trusted)
         return eps
     if prediction == "x0":
-        check_t(sched, t, x0)
+        check_t(sched, t, x0, check_range=not trusted)
         return x0
-    return v_from_eps(eps, x0, t, sched)
+    return v_from_eps(eps, x0, t, sched, trusted=trusted)
 
 
 def min_snr_weight(sched: Schedule, t: TimeLike, gamma: float, prediction: str = "eps",
-                   like: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   like: Optional[torch.Tensor] = None, *, trusted: bool = False) -> torch.Tensor:
     """Min-SNR-gamma loss weight (Hang et al. 2023), (B,) float32: the x_0-space weight
     min(SNR_t, gamma) expressed for the regressed quantity:
         eps: min(SNR, gamma) / SNR,   v: min(SNR, gamma) / (SNR + 1),   x0: min(SNR, gamma)."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_prediction(prediction)
     if not gamma > 0:
         raise ValueError(f"min_snr_gamma must be > 0 here (0 disables it in training_loss), got {gamma}")
-    t = check_t(sched, t, like)
+    t = check_t(sched, t, like, check_range=not trusted)
     snr = sched.table(sched.snr, torch.float64, t.device)[t]
     clipped = snr.clamp(max=float(gamma))
     w = {"eps": clipped / snr, "v": clipped / (snr + 1.0), "x0": clipped}[prediction]
@@ -410,7 +418,7 @@ def lt_weight(sched: Schedule, t: TimeLike, prediction: str = "eps",
     The error is a SUM over dims in the lecture; `training_loss` returns a MEAN, so
     training_loss(..., weights=lt_weight(...)) is L_t / D. At t = 1 (beta_tilde_1 = 0, where the
     lecture's term is the decoder) the clipped variance beta_tilde_2 is used, keeping it finite."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_prediction(prediction)
     t = check_t(sched, t)
     bt = sched.log_beta_tilde_clipped.exp()
@@ -425,24 +433,25 @@ def lt_weight(sched: Schedule, t: TimeLike, prediction: str = "eps",
 
 def training_loss(sched: Schedule, model_out: torch.Tensor, x0: torch.Tensor, t: TimeLike,
                   eps: torch.Tensor, prediction: str = "eps", min_snr_gamma: float = 0.0,
-                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  weights: Optional[torch.Tensor] = None, *, trusted: bool = False) -> torch.Tensor:
     """Per-sample loss (B,): mean over non-batch dims of (model_out - target)^2 (L_simple for eps),
     times the min-SNR-gamma weight when min_snr_gamma > 0, times `weights` (B,) when given
     (e.g. `lt_weight(sched, t)` for the lecture's weighted L_t).
 
     x_t = q_sample(sched, x0, t, eps) is what the network saw; model_out = network(x_t, t, ...).
-    Computed in float32 (float64 if model_out is float64). Reduce with .mean() in the trainer."""
-    _check_sched(sched)
+    Computed in float32 (float64 if model_out is float64). Reduce with .mean() in the trainer.
+    ``trusted``: t was drawn in range by the caller (the trainer): no host read of t."""
+    check_schedule(sched)
     _check_prediction(prediction)
     _check_same_shape(model_out=model_out, x0=x0, eps=eps)
     if min_snr_gamma < 0:
         raise ValueError(f"min_snr_gamma must be >= 0 (0 = off), got {min_snr_gamma}")
-    t = check_t(sched, t, x0)
+    t = check_t(sched, t, x0, check_range=not trusted)
     dtype = torch.float64 if model_out.dtype == torch.float64 else torch.float32
-    target = training_target(sched, x0.to(dtype), t, eps.to(dtype), prediction)
+    target = training_target(sched, x0.to(dtype), t, eps.to(dtype), prediction, trusted=True)
     loss = (model_out.to(dtype) - target).pow(2).flatten(1).mean(1)              # (B,)
     if min_snr_gamma > 0:
-        loss = loss * min_snr_weight(sched, t, min_snr_gamma, prediction, like=x0).to(dtype)
+        loss = loss * min_snr_weight(sched, t, min_snr_gamma, prediction, like=x0, trusted=True).to(dtype)
     if weights is not None:
         weights = torch.as_tensor(weights, device=loss.device)
         if weights.ndim > 1 or (weights.ndim == 1 and weights.shape[0] not in (1, loss.shape[0])):
@@ -479,7 +488,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor,
     return torch.where(x < -edge, log_cdf_hi, torch.where(x > edge, log_sf_lo, log_mid))
 
 
-def _randn(like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def randn_like(like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     dev = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
 
@@ -506,7 +515,7 @@ def elbo(model_fn: Callable, x0: torch.Tensor, sched: Schedule, *,
     model_fn(x_t, t) -> output of kind `prediction`, t an int64 (B,) tensor. Returns bpd (B,), or
     (bpd, terms) with return_terms: terms = {"prior", "decoder": (B,) bpd, "vb": (B, K) bpd of each
     evaluated L_t (unweighted), "t": (K,) the evaluated t, "weight": (K,) stratum sizes}."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_prediction(prediction)
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 2:
         raise ValueError("x0 must be a floating tensor (B, ...) with at least one data dim")
@@ -529,7 +538,7 @@ def elbo(model_fn: Callable, x0: torch.Tensor, sched: Schedule, *,
                                  torch.zeros_like(x0d), torch.zeros_like(x0d)))
 
     def mu_theta(t_int):
-        eps = _randn(x0, generator)
+        eps = randn_like(x0, generator)
         t = torch.full((B,), t_int, dtype=torch.int64, device=x0.device)
         x_t = q_sample(sched, x0, t, eps)
         eps_hat = fn(x_t, t)

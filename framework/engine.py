@@ -1,18 +1,17 @@
 """Training under DeepSpeed ZeRO. The only module that imports deepspeed.
 
-``train(cfg)`` is the loop, top to bottom in comment-headed phases. Around it:
-``build_ds_config`` (our config -> DeepSpeed JSON), ``EMA`` (sharded like the parameters under
-ZeRO-3), ``NoiseStream`` (the diffusion randomness, indexed by global sample position so that a
-run on N ranks draws exactly what a run on 1 rank draws), and checkpoint save/load with client
-state (see ``framework/checkpoint.py`` for the layout and the atomic protocol).
+``Trainer(cfg).fit()`` (or ``train(cfg)``) is the run: setup, ``train_step`` (one optimizer step of
+the task's objective, ``framework/objectives.py``) and the policy after each step, top to bottom in
+comment-headed phases. Around it: ``build_ds_config`` (our config -> DeepSpeed JSON), the EMA
+(``framework/ema.py``, sharded like the parameters under ZeRO-3), the noise stream
+(``framework/noise.py``, indexed by global sample position so that N ranks draw what 1 rank draws),
+and checkpoint save/load with client state (``framework/checkpoint.py``: layout, atomic protocol).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -23,9 +22,12 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, save_config, to_dict
 from .dist import StopFlag, dist_env, print0, rank_seed, setup_env
+from .ema import EMA, ema_decay_for
+from .noise import NoiseStream
+from .objectives import build_objective
 
-__all__ = ["build_ds_config", "EMA", "NoiseStream", "init_distributed", "train", "TrainResult",
-           "NonFiniteLossError"]
+__all__ = ["build_ds_config", "build_optimizer", "init_distributed", "Trainer", "train", "TrainResult",
+           "NonFiniteLossError", "EMA", "NoiseStream"]
 
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
 warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
@@ -123,136 +125,6 @@ def build_ds_config(cfg: Config, world_size: int, device_kind: str, load_univers
 
 
 # ---------------------------------------------------------------------------------------------
-# EMA
-# ---------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of the trained weights, in fp32.
-
-    ZeRO 0-2: a full copy on every rank. ZeRO-3: each rank holds the EMA of its own partition of
-    each parameter (the same flat slice DeepSpeed gives it), updated from the fp32 master
-    partition, so no rank ever holds the whole EMA. ``full_state(shards)`` re-assembles.
-    """
-
-    def __init__(self, module: torch.nn.Module, zero3: bool):
-        self.zero3 = zero3
-        self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.shadow = [t.detach().clone().float() for t in self._current()]
-
-    def _current(self) -> list[torch.Tensor]:
-        if self.zero3:
-            from deepspeed.utils import safe_get_local_fp32_param
-            return [safe_get_local_fp32_param(p).detach().flatten() for _, p in self.named]
-        return [p.detach().float() for _, p in self.named]
-
-    @torch.no_grad()
-    def update(self, decay: float) -> None:
-        torch._foreach_lerp_(self.shadow, self._current(), 1.0 - decay)
-
-    @torch.no_grad()
-    def copy_from_model(self) -> None:
-        for s, c in zip(self.shadow, self._current()):
-            s.copy_(c)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: s.cpu() for (n, _), s in zip(self.named, self.shadow)}
-
-    def meta(self) -> dict[str, Any]:
-        shapes = {}
-        for n, p in self.named:
-            shapes[n] = list(p.ds_shape) if self.zero3 else list(p.shape)
-        return {"ema_partitioned": self.zero3, "shapes": shapes}
-
-    @staticmethod
-    def full_state(shards: list[dict[str, torch.Tensor]], shapes: dict[str, list[int]],
-                   partitioned: bool) -> dict[str, torch.Tensor]:
-        """Rank files (in rank order) -> full tensors. Partitions are contiguous flat slices."""
-        if not partitioned:
-            return {n: shards[0][n] for n in shapes}
-        out = {}
-        for n, shape in shapes.items():
-            numel = math.prod(shape)
-            out[n] = torch.cat([s[n].flatten() for s in shards])[:numel].view(shape).clone()
-        return out
-
-    @torch.no_grad()
-    def load_full(self, full: dict[str, torch.Tensor], rank: int, world: int) -> None:
-        """Take this rank's part of full tensors (any saved world size -> the current one)."""
-        missing = [n for n, _ in self.named if n not in full]
-        if missing:
-            raise KeyError(f"EMA state lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        for (n, p), s in zip(self.named, self.shadow):
-            src = full[n].float().flatten()
-            if self.zero3:
-                part = s.numel()
-                chunk = src[rank * part:(rank + 1) * part]
-                s.zero_()
-                s[:chunk.numel()].copy_(chunk.to(s.device))
-            else:
-                s.copy_(src.view_as(s).to(s.device))
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """Temporarily run the module with EMA weights (all ranks must enter together)."""
-        if self.zero3:
-            saved = [p.ds_tensor.data.clone() for _, p in self.named]
-            for (_, p), s in zip(self.named, self.shadow):
-                p.ds_tensor.data.copy_(s.view_as(p.ds_tensor).to(p.ds_tensor.dtype))
-        else:
-            saved = [p.data.clone() for _, p in self.named]
-            for (_, p), s in zip(self.named, self.shadow):
-                p.data.copy_(s.to(p.dtype))
-        try:
-            yield
-        finally:
-            for (_, p), b in zip(self.named, saved):
-                (p.ds_tensor if self.zero3 else p).data.copy_(b)
-
-
-def ema_decay_for(cfg: Config, step: int, global_batch: int) -> float:
-    e = cfg.engine
-    if step < e.ema_warmup_steps:
-        return 0.0
-    if e.ema_halflife_images > 0:
-        return 0.5 ** (global_batch / e.ema_halflife_images)
-    return e.ema_decay
-
-
-# ---------------------------------------------------------------------------------------------
-# The diffusion randomness
-# ---------------------------------------------------------------------------------------------
-class NoiseStream:
-    """t, eps and the null-text dropout draws for one micro step.
-
-    mode "global" (default): every rank runs the same generator and draws the whole global micro
-    batch (world x B samples), then keeps its own slice. The noise a sample gets depends on its
-    global position only, so N ranks reproduce 1 rank exactly, and a resume on another world size
-    continues the same stream. The extra draws cost O(global batch) random numbers per step.
-    mode "rank": each rank draws only its own B samples from a rank-seeded generator.
-    """
-
-    def __init__(self, seed: int, rank: int, world: int, device: torch.device, mode: str = "global"):
-        self.rank, self.world, self.mode, self.device = rank, world, mode, device
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(rank_seed(seed, 0 if mode == "global" else rank, stream=1))
-
-    def draw(self, shape: tuple, timesteps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> t (B,) int64 in 1..T, eps (B,C,H,W), u (B,) uniform for dropout."""
-        b = shape[0]
-        n = b * self.world if self.mode == "global" else b
-        lo = self.rank * b if self.mode == "global" else 0
-        t = torch.randint(1, timesteps + 1, (n,), generator=self.gen, device=self.device)[lo:lo + b]
-        eps = torch.randn((n,) + tuple(shape[1:]), generator=self.gen, device=self.device)[lo:lo + b]
-        u = torch.rand((n,), generator=self.gen, device=self.device)[lo:lo + b]
-        return t, eps, u
-
-    def state_dict(self) -> dict:
-        return {"mode": self.mode, "state": self.gen.get_state()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.gen.set_state(sd["state"])
-
-
-# ---------------------------------------------------------------------------------------------
 # Pieces the loop uses
 # ---------------------------------------------------------------------------------------------
 def _lr_lambda(cfg: Config) -> Callable[[int], float]:
@@ -281,7 +153,8 @@ def compile_kwargs(ecfg) -> dict:
     return {"mode": ecfg.compile_mode} if ecfg.compile_backend == "inductor" else {}
 
 
-def _optimizer(cfg: Config, params, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, params, device: torch.device) -> torch.optim.Optimizer:
+    """torch AdamW from cfg.optim (fused on CUDA): passed to DeepSpeed, which compiles nothing for it."""
     o = cfg.optim
     kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if device.type == "cuda" and o.fused:
@@ -289,9 +162,14 @@ def _optimizer(cfg: Config, params, device: torch.device) -> torch.optim.Optimiz
     return torch.optim.AdamW(params, **kw)
 
 
-class _Logger:
+class Logger:
+    """Rank 0's record of the run: metrics.jsonl, TensorBoard when installed, and on a terminal a
+    progress bar; where stderr is not a terminal (SLURM, nohup, CI) a plain line per logged step
+    instead, so a job's log shows progress."""
+
     def __init__(self, run_dir: str, cfg: Config, rank: int, total: int, start: int):
-        self.rank = rank
+        self.rank, self.total, self.start = rank, total, start
+        self.t0 = time.perf_counter()
         self.f = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 and cfg.log.jsonl else None
         self.tb = None
         if rank == 0 and cfg.log.tensorboard:
@@ -301,10 +179,10 @@ class _Logger:
             except Exception:   # tensorboard not installed: JSONL only
                 self.tb = None
         self.bar = None
-        if rank == 0 and cfg.engine.progress:
+        if rank == 0 and cfg.engine.progress and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                            disable=None, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.lines = rank == 0 and self.bar is None and cfg.log.lines
 
     def log(self, step: int, metrics: dict) -> None:
         if self.rank != 0:
@@ -319,6 +197,22 @@ class _Logger:
         if self.bar:
             self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
                                  img_s=f"{metrics.get('images_per_s', 0):.1f}")
+        if self.lines:
+            print(self.line(step, metrics, time.perf_counter() - self.t0), flush=True)
+
+    def line(self, step: int, metrics: dict, elapsed: float) -> str:
+        """'step 120/1000 (12.0%)  loss 0.0712  lr 2.00e-04  31.5 img/s  0:01:02 elapsed, eta 0:07:35'"""
+        done = step - self.start
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+
+        def hms(s: float) -> str:
+            if s != s:
+                return "?"
+            s = int(s)
+            return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+        return (f"step {step}/{self.total} ({100 * step / max(1, self.total):.1f}%)  "
+                f"loss {metrics.get('loss', float('nan')):.4f}  lr {metrics.get('lr', 0):.2e}  "
+                f"{metrics.get('images_per_s', 0):.1f} img/s  {hms(elapsed)} elapsed, eta {hms(eta)}")
 
     def advance(self, n: int = 1) -> None:
         if self.bar:
@@ -375,299 +269,269 @@ def save_checkpoint(engine, cfg: Config, denv, step: int, images: int, ema: Opti
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The trainer
 # ---------------------------------------------------------------------------------------------
 class TrainResult(dict):
-    """step, images_seen, losses (per logged step), stopped_by_signal, checkpoint."""
+    """step, images_seen, losses (one per step), stopped_by_signal, checkpoint, nonfinite_skipped."""
+
+
+class Trainer:
+    """One run: ``Trainer(cfg).fit()``. Setup in ``__init__`` (processes, resume decision, the task's
+    objective, the engine, EMA, data, resume), one optimizer step in ``train_step``, the policy after
+    each step (non-finite, EMA, log, samples, checkpoint, preemption) in ``fit``.
+
+    ``data``: an iterable of batches instead of ``cfg.data``'s shards; ``model_factory``: the trained
+    network instead of the objective's; ``objective``: instead of ``build_objective(cfg)``.
+    """
+
+    def __init__(self, cfg: Config, data: Optional[Iterable] = None, model_factory=None,
+                 stop: Optional[StopFlag] = None, objective=None):
+        import deepspeed
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        e = cfg.engine
+        # ---- 1. processes, devices, run directory ------------------------------------------------
+        self.stop = stop or StopFlag()      # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 0
+        device_kind = e.device if e.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.denv = init_distributed(device_kind)
+        self.rank, self.world = rank, world = self.denv.rank, self.denv.world_size
+        self.device = device = _device(device_kind, self.denv.local_rank)
+        torch.manual_seed(rank_seed(cfg.seed, 0))           # identical initial weights on all ranks
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        if rank == 0:
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        # the preemption flag is agreed on the host every step: over the default group when it is
+        # gloo (CPU), else over a gloo group of its own (no device synchronisation for it)
+        self._host_group = None
+        if world > 1 and dist.get_backend() != "gloo":
+            self._host_group = dist.new_group(backend="gloo")
+
+        # ---- 2. what to resume from (decided before the engine: a new world size needs universal) -
+        self.resume_dir = resume_dir = ckpt.find_resume(ckpt.ckpt_dir(cfg.run_dir), cfg.checkpoint.resume)
+        if world > 1:   # every rank must see the same checkpoint: run_dir on a shared file system
+            seen: list = [None] * world
+            dist.all_gather_object(seen, os.path.basename(resume_dir) if resume_dir else None)
+            if len(set(seen)) > 1:
+                raise RuntimeError(f"ranks found different checkpoints to resume from ({seen}): put run_dir "
+                                   f"({cfg.run_dir}) on a file system that every node shares")
+        self.resume_meta = ckpt.read_meta(resume_dir) if resume_dir else None
+        self.reshard = bool(self.resume_meta and self.resume_meta["world_size"] != world)
+        ds_config = build_ds_config(cfg, world, device_kind, load_universal=self.reshard)
+        self.global_batch = ds_config["train_batch_size"]
+        self.dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+
+        # ---- 3. the task: its objective (frozen parts stay outside the engine and zero.Init) -------
+        self.objective = objective if objective is not None else build_objective(cfg)
+
+        # ---- 4. the trained network: inside zero.Init under ZeRO-3 (no rank holds all of it) -------
+        factory = model_factory or self.objective.build_model
+        # dtype comes from ds_config (passing it hits a precedence bug that picks bf16 on CPU);
+        # mem_efficient_linear=False: don't monkey-patch F.linear globally (the encoder uses it too)
+        # ZeRO 0-2: built on its device (initialising SD2 on a GPU takes seconds, on a CPU a minute)
+        init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False) \
+            if e.zero_stage == 3 else torch.device(device)
+        with init_ctx:
+            model = factory()
+        if e.activation_checkpointing:
+            from .unet import apply_activation_checkpointing
+            apply_activation_checkpointing(model, e.activation_checkpointing)
+        # engine.channels_last: only the input x_t goes channels_last (in the objective); convolutions
+        # then run channels_last (as fast as with converted weights). Converting the weights here
+        # breaks deepspeed.initialize: its broadcast does p.data.view(torch.uint8) (needs stride 1).
+        optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    lr_scheduler=self.lr_sched, config=ds_config)
+        if e.compile:
+            # DeepSpeed's engine.compile compiles the wrapped module in place (nn.Module.compile): the
+            # engine's own forward, its hooks (ZeRO-3 gathering) and backward stay outside the graph
+            self.engine.compile(backend=e.compile_backend, compile_kwargs=compile_kwargs(e))
+        from .unet import CUDA_GRAPH_MODES
+        self.cuda_graphs = e.compile and device.type == "cuda" and e.compile_backend == "inductor" and \
+            e.compile_mode in CUDA_GRAPH_MODES
+        self.ema = EMA(self.engine.module, zero3=e.zero_stage == 3)
+
+        # ---- 5. data, noise --------------------------------------------------------------------------
+        self.noise = NoiseStream(cfg.seed, rank, world, device)
+        self._nonfinite_pending = torch.zeros((), dtype=torch.float64, device=device)
+        self.loader = None
+        if data is None:
+            from .data import build_loader
+            self.loader = build_loader(cfg.data, e.micro_batch, rank, world, cfg.seed)
+        self.objective.setup(device, self.dtype, self.loader if self.loader is not None else data)
+
+        # ---- 6. resume ---------------------------------------------------------------------------------
+        self.step, self.images = 0, 0
+        if resume_dir:
+            self._resume()
+        self.batches = iter(self.loader if self.loader is not None else data)
+
+    def _resume(self) -> None:
+        resume_dir, meta, rank, world = self.resume_dir, self.resume_meta, self.rank, self.world
+        load_dir = resume_dir
+        if self.reshard:
+            import torch.distributed as dist
+            if rank == 0:
+                print0(f"resuming {resume_dir} (world size {meta['world_size']}) on {world} ranks "
+                       f"through a universal checkpoint")
+                ckpt.convert_to_universal(resume_dir, meta["zero_stage"])
+            dist.barrier()
+            load_dir = resume_dir.rstrip("/") + "_universal"
+        path, _client = self.engine.load_checkpoint(os.path.dirname(load_dir), tag=os.path.basename(load_dir))
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {load_dir}")
+        self.step, self.images = int(meta["step"]), int(meta["images_seen"])
+        shard_files = [ckpt.ema_file(resume_dir, r) for r in range(meta["world_size"])]
+        shards = [torch.load(f, map_location="cpu", weights_only=True) for f in shard_files if os.path.isfile(f)]
+        self.ema.load_full(EMA.full_state(shards, meta["shapes"], meta["ema_partitioned"]), rank, world)
+        rank_state = torch.load(ckpt.rank_file(resume_dir, rank if not self.reshard else 0),
+                                map_location="cpu", weights_only=True)
+        self.noise.load_state_dict(rank_state["noise"])   # global stream: identical on every rank
+        if self.loader is not None and rank_state.get("data") is not None:
+            if not self.reshard:
+                self.loader.load_state_dict(rank_state["data"])
+            else:   # a new world size changes which shards each rank reads: continue at the next epoch
+                self.loader.load_state_dict({"epoch": int(rank_state["data"].get("epoch", 0)) + 1})
+        print0(f"resumed from {resume_dir} at step {self.step} ({self.images} images)")
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def train_step(self) -> Optional[torch.Tensor]:
+        """grad_accum micro steps and the optimizer step. Returns the loss (mean over ranks and micro
+        steps) as a float64 device tensor, or None when a non-finite loss on any rank skipped the step
+        (engine.skip_nonfinite). Reads nothing back from the device unless skip_nonfinite is on
+        (then one read per micro step: whether to run backward)."""
+        import torch.distributed as dist
+        e = self.cfg.engine
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        skipped = False
+        for _ in range(e.grad_accum):
+            batch = next(self.batches)
+            if self.cuda_graphs:       # a new replay: the previous step's graph outputs are dead
+                torch.compiler.cudagraph_mark_step_begin()
+            loss = self.objective.loss(self.engine, batch, self.noise).mean()
+            # agree across ranks: the loss for the log, non-finite (on the device)
+            flags = torch.stack([loss.detach().double(), (~torch.isfinite(loss.detach())).double()])
+            if self.world > 1:
+                dist.all_reduce(flags)
+            if e.skip_nonfinite:
+                if flags[1].item() > 0:     # skip: no backward, no step on any rank
+                    skipped = True
+                    continue
+            else:
+                self._nonfinite_pending += flags[1]
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += flags[0] / self.world
+        return None if skipped else loss_sum / e.grad_accum
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, e = self.cfg, self.cfg.engine
+        logger = Logger(cfg.run_dir, cfg, self.rank, e.steps, self.step)
+        result = TrainResult(step=self.step, images_seen=self.images, losses=[], stopped_by_signal=False,
+                             checkpoint=None, nonfinite_skipped=0)
+        pending: list[torch.Tensor] = []        # losses not yet read back from the device
+        nonfinite_run, last_ckpt_step, first_log = 0, self.step, True
+        t_last, img_last, log_start = time.perf_counter(), self.images, self.step
+
+        self.engine.train()
+        try:
+            while self.step < e.steps:
+                loss = self.train_step()
+
+                # -- a non-finite loss skipped the step on every rank
+                if loss is None:
+                    result["nonfinite_skipped"] += 1
+                    nonfinite_run += 1
+                    if nonfinite_run >= e.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{nonfinite_run} non-finite losses in a row, the last at step {self.step + 1}: "
+                            f"lower optim.lr, check the data, or raise engine.max_nonfinite")
+                    warnings.warn(f"non-finite loss at step {self.step + 1}: step skipped")
+                    continue
+                nonfinite_run = 0
+                self.step += 1
+                self.images += self.global_batch
+                pending.append(loss)
+
+                # -- EMA of the weights
+                self.ema.update(ema_decay_for(e, self.step, self.global_batch))
+
+                # -- log: the one read of the losses since the last log
+                logger.advance()
+                if self.step % e.log_every == 0 or self.step == e.steps:
+                    result["losses"] += torch.stack(pending).tolist()
+                    pending.clear()
+                    if not e.skip_nonfinite and float(self._nonfinite_pending) > 0:
+                        raise NonFiniteLossError(
+                            f"non-finite loss between steps {log_start + 1} and {self.step} "
+                            f"(engine.skip_nonfinite=false: the weights may be damaged): resume from the "
+                            f"last checkpoint, lower optim.lr or set engine.skip_nonfinite=true")
+                    now = time.perf_counter()
+                    metrics = {"loss": result["losses"][-1], "lr": self.lr_sched.get_last_lr()[0],
+                               "images_seen": self.images,
+                               "images_per_s": (self.images - img_last) / max(1e-9, now - t_last)}
+                    if first_log:   # once, after the first step created the optimizer state
+                        metrics.update(memory_stats(self.engine, e.zero_stage == 3))
+                        if e.compile:
+                            metrics.update(compile_stats())
+                        first_log = False
+                    if self.loader is not None and hasattr(self.loader, "stats"):
+                        metrics.update({f"data/{k}": v for k, v in self.loader.stats().items()
+                                        if isinstance(v, (int, float))})
+                    metrics.update(self.objective.metrics())
+                    logger.log(self.step, metrics)
+                    t_last, img_last, log_start = now, self.images, self.step
+
+                # -- sample grid: every rank takes part (ZeRO-3 forward is collective), rank 0 writes
+                if e.sample_every and self.step % e.sample_every == 0 and hasattr(self.objective, "sample_grid"):
+                    self.objective.sample_grid(self.engine.module, self.ema, self.step, self.rank)
+
+                # -- checkpoint (every rank), preemption
+                stopping = self._agreed_stop()
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or \
+                        (stopping and cfg.checkpoint.save_on_exit):
+                    result["checkpoint"] = self.save_checkpoint()
+                    last_ckpt_step = self.step
+                if stopping:
+                    print0(f"signal {self.stop.signum}: checkpointed at step {self.step}, exiting")
+                    result["stopped_by_signal"] = True
+                    break
+            else:
+                if cfg.checkpoint.save_on_exit and last_ckpt_step != self.step and cfg.checkpoint.every:
+                    result["checkpoint"] = self.save_checkpoint()
+        finally:
+            if pending:
+                result["losses"] += torch.stack(pending).tolist()
+            self.stop.restore()
+            logger.close()
+        result.update(step=self.step, images_seen=self.images, engine=self.engine, ema=self.ema)
+        return result
+
+    def _agreed_stop(self) -> bool:
+        """Whether any rank got SIGTERM/SIGUSR1: a host-side all-reduce (gloo), no device read."""
+        import torch.distributed as dist
+        flag = torch.tensor([float(self.stop.signum != 0)])
+        if self.world > 1:
+            dist.all_reduce(flag, group=self._host_group)
+        return bool(flag.numpy()[0] > 0)
+
+    def rank_state(self) -> dict:
+        return {"noise": self.noise.state_dict(),
+                "data": self.loader.state_dict() if self.loader is not None else None}
+
+    def save_checkpoint(self) -> str:
+        return save_checkpoint(self.engine, self.cfg, self.denv, self.step, self.images, self.ema,
+                               self.rank_state())
 
 
 def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
           stop: Optional[StopFlag] = None) -> TrainResult:
-    import deepspeed
-    import torch.distributed as dist
-
-    from . import diffusion as D
-
-    # ---- 1. processes, devices, run directory --------------------------------------------------
-    stop = stop or StopFlag()      # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 0
-    device_kind = cfg.engine.device if cfg.engine.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    denv = init_distributed(device_kind)
-    rank, world = denv.rank, denv.world_size
-    device = _device(device_kind, denv.local_rank)
-    torch.manual_seed(rank_seed(cfg.seed, 0))           # identical initial weights on all ranks
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    if rank == 0:
-        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-    directory = ckpt.ckpt_dir(cfg.run_dir)
-
-    # ---- 2. what to resume from (decided before the engine: a new world size needs universal) ---
-    resume_dir = ckpt.find_resume(directory, cfg.checkpoint.resume)
-    if world > 1:   # every rank must see the same checkpoint: run_dir has to be on a shared file system
-        seen: list = [None] * world
-        dist.all_gather_object(seen, os.path.basename(resume_dir) if resume_dir else None)
-        if len(set(seen)) > 1:
-            raise RuntimeError(f"ranks found different checkpoints to resume from ({seen}): put run_dir "
-                               f"({cfg.run_dir}) on a file system that every node shares")
-    resume_meta = ckpt.read_meta(resume_dir) if resume_dir else None
-    reshard = bool(resume_meta and resume_meta["world_size"] != world)
-    load_dir = resume_dir
-    if reshard:
-        if rank == 0:
-            print0(f"resuming {resume_dir} (world size {resume_meta['world_size']}) on {world} ranks "
-                   f"through a universal checkpoint")
-            ckpt.convert_to_universal(resume_dir, resume_meta["zero_stage"])
-        dist.barrier()
-        load_dir = resume_dir.rstrip("/") + "_universal"
-    ds_config = build_ds_config(cfg, world, device_kind, load_universal=reshard)
-    global_batch = ds_config["train_batch_size"]
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-
-    # ---- 3. frozen text encoder: outside the engine and outside zero.Init ------------------------
-    encoder, null = None, None
-    if cfg.task == "diffusion":
-        from .text import TextEncoder
-        if not cfg.data.use_embeddings:
-            encoder = TextEncoder(cfg.text, device=device)
-            null = encoder.null(1)
-            _check_widths(cfg, encoder.dim, encoder.pooled_dim, f"text encoder {encoder.path}")
-
-    # ---- 4. the trained network: inside zero.Init under ZeRO-3 (no rank holds all of it) --------
-    if model_factory is None:
-        model_factory = build_model_factory(cfg)
-    # dtype comes from ds_config (passing it hits a precedence bug that picks bf16 on CPU);
-    # mem_efficient_linear=False: don't monkey-patch F.linear globally (the encoder uses it too)
-    init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False) \
-        if cfg.engine.zero_stage == 3 else contextlib.nullcontext()
-    with init_ctx:
-        model = model_factory()
-    if cfg.engine.activation_checkpointing:
-        from .unet import apply_activation_checkpointing
-        apply_activation_checkpointing(model, cfg.engine.activation_checkpointing)
-    # engine.channels_last: only the input x_t goes channels_last (below, in the loop); convolutions
-    # then run channels_last (as fast as with converted weights). Converting the weights here breaks
-    # deepspeed.initialize: its broadcast does p.data.view(torch.uint8), which needs stride(-1) == 1.
-    optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_sched,
-                                           config=ds_config)
-    if cfg.engine.compile:
-        # DeepSpeed's engine.compile compiles the wrapped module in place (nn.Module.compile): the
-        # engine's own forward, its hooks (ZeRO-3 gathering) and backward stay outside the graph
-        engine.compile(backend=cfg.engine.compile_backend, compile_kwargs=compile_kwargs(cfg.engine))
-    forward = engine
-    from .unet import CUDA_GRAPH_MODES
-    cuda_graphs = cfg.engine.compile and device.type == "cuda" and \
-        cfg.engine.compile_backend == "inductor" and cfg.engine.compile_mode in CUDA_GRAPH_MODES
-    ema = EMA(engine.module, zero3=cfg.engine.zero_stage == 3)
-    sched = D.Schedule.from_config(cfg.diffusion)
-
-    # ---- 5. data ---------------------------------------------------------------------------------
-    noise = NoiseStream(cfg.seed, rank, world, device)
-    loader = None
-    if data is None:
-        from .data import build_loader
-        loader = build_loader(cfg.data, cfg.engine.micro_batch, rank, world, cfg.seed)
-        if cfg.data.use_embeddings:
-            null = loader.null_condition()
-    if null is not None:
-        null = null.to(device)
-
-    # ---- 6. resume -----------------------------------------------------------------------------
-    step, images = 0, 0
-    if resume_dir:
-        path, _client = engine.load_checkpoint(os.path.dirname(load_dir), tag=os.path.basename(load_dir))
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {load_dir}")
-        step, images = int(resume_meta["step"]), int(resume_meta["images_seen"])
-        shard_files = [ckpt.ema_file(resume_dir, r) for r in range(resume_meta["world_size"])]
-        shards = [torch.load(f, map_location="cpu", weights_only=True)
-                  for f in shard_files if os.path.isfile(f)]
-        ema.load_full(EMA.full_state(shards, resume_meta["shapes"], resume_meta["ema_partitioned"]),
-                      rank, world)
-        rank_state = torch.load(ckpt.rank_file(resume_dir, rank if not reshard else 0),
-                                map_location="cpu", weights_only=True)
-        noise.load_state_dict(rank_state["noise"])   # global stream: identical on every rank
-        if not reshard and loader is not None and rank_state.get("data") is not None:
-            loader.load_state_dict(rank_state["data"])
-        elif loader is not None and rank_state.get("data") is not None:
-            # a new world size changes which shards each rank reads: continue at the next epoch
-            loader.load_state_dict({"epoch": int(rank_state["data"].get("epoch", 0)) + 1})
-        print0(f"resumed from {resume_dir} at step {step} ({images} images)")
-    data_iter = iter(loader if loader is not None else data)
-
-    # ---- 7. train ------------------------------------------------------------------------------
-    logger = _Logger(cfg.run_dir, cfg, rank, cfg.engine.steps, step)
-    result = TrainResult(step=step, images_seen=images, losses=[], stopped_by_signal=False,
-                         checkpoint=None, nonfinite_skipped=0)
-    nonfinite_run, last_ckpt_step = 0, step
-    memory_logged = False
-    t_last, img_last = time.perf_counter(), images
-
-    def rank_state() -> dict:
-        return {"noise": noise.state_dict(),
-                "data": loader.state_dict() if loader is not None else None}
-
-    engine.train()
-    try:
-        while step < cfg.engine.steps:
-            loss_sum, nonfinite = 0.0, 0.0
-            for _ in range(cfg.engine.grad_accum):
-                # -- batch -> condition (frozen encoder or precomputed) -> null-text dropout
-                batch = next(data_iter)
-                x0 = batch["image"].to(device, non_blocking=True).float()
-                t, eps, u = noise.draw(tuple(x0.shape), sched.T)
-                cond_kwargs = {}
-                if cfg.task == "diffusion":
-                    cond_kwargs = _condition(cfg, batch, encoder, null, u, device, dtype)
-                # -- forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; eps_theta(x_t, t, y)
-                x_t = D.q_sample(sched, x0, t, eps)
-                if cfg.engine.channels_last:
-                    x_t = x_t.contiguous(memory_format=torch.channels_last)
-                if cuda_graphs:     # a new replay: the previous step's graph outputs are dead
-                    torch.compiler.cudagraph_mark_step_begin()
-                out = forward(x_t.to(dtype), t, **cond_kwargs).float()
-                if cfg.task == "classifier":
-                    # -- noisy classifier p(y | x_t, t): cross-entropy on the noised image
-                    # (labels: json `label`, or classifier.class_names matched in the captions)
-                    from .classifier import batch_labels
-                    per_sample = torch.nn.functional.cross_entropy(
-                        out, batch_labels(batch, cfg.classifier).to(device), reduction="none")
-                else:
-                    # -- L_simple per sample (or the configured prediction / weighting), mean
-                    per_sample = D.training_loss(sched, out, x0, t, eps, prediction=cfg.diffusion.prediction,
-                                                 min_snr_gamma=cfg.diffusion.min_snr_gamma)
-                loss = per_sample.mean()
-                # -- agree across ranks: loss for the log, non-finite, stop signal
-                flags = torch.tensor([loss.detach().float().item(), float(not torch.isfinite(loss)),
-                                      float(stop.signum != 0)], dtype=torch.float64)
-                if world > 1:
-                    flags = flags.to(device)
-                    dist.all_reduce(flags)
-                    flags = flags.cpu()
-                if flags[1] > 0:   # skip: no backward, no step on any rank
-                    nonfinite += 1
-                    continue
-                engine.backward(loss)
-                engine.step()
-                loss_sum += float(flags[0]) / world
-            if nonfinite:
-                result["nonfinite_skipped"] += 1
-                nonfinite_run += 1
-                if nonfinite_run >= cfg.engine.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_run} non-finite losses in a row, the last at step {step + 1}: "
-                        f"lower optim.lr, check the data, or raise engine.max_nonfinite")
-                warnings.warn(f"non-finite loss at step {step + 1}: step skipped")
-                continue
-            nonfinite_run = 0
-            step += 1
-            images += global_batch
-
-            # -- EMA of the weights
-            ema.update(ema_decay_for(cfg, step, global_batch))
-
-            # -- log
-            loss_val = loss_sum / cfg.engine.grad_accum
-            result["losses"].append(loss_val)
-            logger.advance()
-            if step % cfg.engine.log_every == 0 or step == cfg.engine.steps:
-                now = time.perf_counter()
-                metrics = {"loss": loss_val, "lr": lr_sched.get_last_lr()[0], "images_seen": images,
-                           "images_per_s": (images - img_last) / max(1e-9, now - t_last)}
-                if not memory_logged:   # once, after the first step created the optimizer state
-                    metrics.update(memory_stats(engine, cfg.engine.zero_stage == 3))
-                    if cfg.engine.compile:
-                        metrics.update(compile_stats())
-                    memory_logged = True
-                if loader is not None and hasattr(loader, "stats"):
-                    metrics.update({f"data/{k}": v for k, v in loader.stats().items()
-                                    if isinstance(v, (int, float))})
-                logger.log(step, metrics)
-                t_last, img_last = now, images
-
-            # -- sample grid: every rank takes part (ZeRO-3 forward is collective), rank 0 writes
-            if cfg.engine.sample_every and step % cfg.engine.sample_every == 0 and encoder is not None:
-                _sample_grid(cfg, engine.module, ema, encoder, null, sched, device, dtype, step, rank)
-
-            # -- checkpoint (every rank), preemption
-            stopping = flags[2] > 0
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or \
-                    (stopping and cfg.checkpoint.save_on_exit):
-                result["checkpoint"] = save_checkpoint(engine, cfg, denv, step, images, ema, rank_state())
-                last_ckpt_step = step
-            if stopping:
-                print0(f"signal {stop.signum}: checkpointed at step {step}, exiting")
-                result["stopped_by_signal"] = True
-                break
-        else:
-            if cfg.checkpoint.save_on_exit and last_ckpt_step != step and cfg.checkpoint.every:
-                result["checkpoint"] = save_checkpoint(engine, cfg, denv, step, images, ema, rank_state())
-    finally:
-        stop.restore()
-        logger.close()
-    result.update(step=step, images_seen=images)
-    result["engine"], result["ema"] = engine, ema
-    return result
+    """``Trainer(cfg, ...).fit()``: the whole run."""
+    return Trainer(cfg, data=data, model_factory=model_factory, stop=stop).fit()
 
 
 def build_model_factory(cfg: Config) -> Callable[[], torch.nn.Module]:
     """The trained network for cfg.task (called inside zero.Init under ZeRO-3)."""
-    if cfg.task == "classifier":
-        from .classifier import NoisyClassifier
-        return lambda: NoisyClassifier(cfg.unet, cfg.classifier)
-    from .unet import UNet
-    return lambda: UNet(cfg.unet)
-
-
-def _check_widths(cfg: Config, dim: int, pooled_dim: int, source: str) -> None:
-    if cfg.unet.context_dim != dim:
-        raise ConfigError(f"unet.context_dim={cfg.unet.context_dim} but the {source} gives {dim}-dim "
-                          f"tokens: set unet.context_dim={dim}")
-    if cfg.text.pooled and cfg.unet.pooled_dim != pooled_dim:
-        raise ConfigError(f"text.pooled is on: set unet.pooled_dim={pooled_dim} (the {source}'s width), "
-                          f"not {cfg.unet.pooled_dim}")
-
-
-def _condition(cfg: Config, batch: dict, encoder, null, u: torch.Tensor, device, dtype) -> dict:
-    """Caption -> (ctx, ctx_mask[, pooled]) with null-text dropout: where u < p_uncond the sample
-    gets exactly the null condition that classifier-free sampling uses."""
-    from .text import Condition
-    if "ctx" in batch:
-        cond = Condition(ctx=batch["ctx"].to(device).float(), mask=batch["ctx_mask"].to(device),
-                         pooled=batch.get("pooled").to(device) if batch.get("pooled") is not None else None)
-    else:
-        cond = encoder.encode(list(batch["caption"]))
-    drop = u < cfg.text.p_uncond
-    cond = cond.where(drop, null)
-    kw = cond.as_kwargs()
-    return {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in kw.items()}
-
-
-@torch.no_grad()
-def _sample_grid(cfg: Config, module, ema: EMA, encoder, null, sched, device, dtype, step: int, rank: int):
-    from .images import save_grid
-    from .sampling import cfg_model, ddim_sample
-
-    s = cfg.sample
-    prompts = s.prompts or ["a photo"]
-    cond = encoder.encode(prompts)
-    uncond = encoder.encode([s.negative_prompt] * len(prompts)) if s.negative_prompt else \
-        null.expand(len(prompts))
-    g = torch.Generator(device=device).manual_seed(s.seed)
-    c = cfg.unet.in_channels
-    x_T = torch.randn((len(prompts), c, cfg.data.image_size, cfg.data.image_size), generator=g, device=device)
-
-    def model(x, t, kw):
-        return module(x.to(dtype), t, **{k: (v.to(dtype) if v is not None and v.is_floating_point() else v)
-                                         for k, v in kw.items()}).float()
-    was_training = module.training
-    module.eval()
-    with ema.swapped_in():
-        fn = cfg_model(model, cond.as_kwargs(), uncond.as_kwargs(), s.guidance_scale, rescale=s.rescale)
-        x0 = ddim_sample(fn, x_T, sched, steps=s.steps, eta=s.eta, generator=g,
-                         prediction=cfg.diffusion.prediction)
-    module.train(was_training)
-    if rank == 0:
-        save_grid(x0, os.path.join(cfg.run_dir, "samples", f"step{step:08d}.png"),
-                  nrow=min(len(prompts), 10), scale=2)
+    return build_objective(cfg).build_model

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import atomic_file
+
 __all__ = ["CLASSIFIER_VERSION", "load_fashion", "to_input", "Classifier", "train_classifier",
            "accuracy", "features", "data_key", "get_classifier", "frechet_distance",
            "mean_pairwise_distance", "class_diversity", "class_prompts", "reference_features",
@@ -206,10 +208,8 @@ def get_classifier(cache_dir: Optional[str] = None, root: Optional[str] = None, 
     acc = accuracy(model, to_input(xte), torch.from_numpy(yte))
     info = {"accuracy": round(acc, 4), "n_train": int(len(xtr)), "n_test": int(len(xte)), "epochs": epochs,
             "seconds": round(seconds, 1), "key": key, "held_out": "Fashion-MNIST test split"}
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"info": json.dumps(info)})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"info": json.dumps(info)})
     return model, dict(info, cached=False, path=path)
 
 
@@ -442,8 +442,6 @@ def plot_sweep(curves: Sequence[dict], path: str,
         color = _COLORS[c_i % len(_COLORS)]
         d.line([ml, ly + 18 * c_i + 7, ml + 24, ly + 18 * c_i + 7], fill=color, width=3)
         d.text((ml + 30, ly + 18 * c_i), c["name"], fill="black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, suffix=".png") as tmp:
+        img.save(tmp)
     return path

@@ -1,12 +1,13 @@
 """Tensors in [-1, 1] to PNG images and labelled grids. No model, no deepspeed."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_file
 
 __all__ = ["to_uint8", "to_pil", "make_grid", "save_grid"]
 
@@ -48,9 +49,7 @@ def make_grid(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 2,
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int, **kwargs) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid = make_grid(images, nrow, **kwargs)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    grid.save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, suffix=".png") as tmp:
+        grid.save(tmp)
     return path

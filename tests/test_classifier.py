@@ -141,7 +141,7 @@ def test_gradients_flow_only_into_x_both_forms():
     out_eps = guide.sample(base, x_T, sched, y, 3.0, form="eps", sampler="ddim", steps=5)
     out_mean = guide.sample(base, x_T, sched, y, 3.0, form="mean", sampler="ddpm",
                             generator=torch.Generator().manual_seed(1))
-    plain = ddpm_sample(base, x_T, sched, torch.Generator().manual_seed(1))
+    plain = ddpm_sample(base, x_T, sched, generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(out_eps).all() and torch.isfinite(out_mean).all()
     assert not torch.allclose(out_mean, plain)            # the guidance did something
     assert all(p.grad is None for p in params)
@@ -159,13 +159,13 @@ def test_mean_shift_as_model_wrapper_equals_ddpm_classifier_grad():
     base = lambda x, t: 0.2 * x + 0.05                   # noqa: E731
     x_T = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 5, 8])
-    ref = ddpm_sample(base, x_T, sched, torch.Generator().manual_seed(2), classifier_grad=guide.grad_fn(y),
+    ref = ddpm_sample(base, x_T, sched, generator=torch.Generator().manual_seed(2), classifier_grad=guide.grad_fn(y),
                       classifier_scale=4.0)
-    got = ddpm_sample(guide.mean_shift_model(base, y, 4.0, sched), x_T, sched, torch.Generator().manual_seed(2))
+    got = ddpm_sample(guide.mean_shift_model(base, y, 4.0, sched), x_T, sched, generator=torch.Generator().manual_seed(2))
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     wrap = guide.prompt_wrapper(4.0, sched, form="mean")
     via_prompts = ddpm_sample(wrap(base, ["a photo of a trouser", "a sandal", "a bag"]), x_T, sched,
-                              torch.Generator().manual_seed(2))
+                              generator=torch.Generator().manual_seed(2))
     assert torch.allclose(via_prompts, ref, atol=1e-5)
     eps_wrap = guide.prompt_wrapper(4.0, sched, form="eps", y="sandal")
     assert torch.allclose(eps_wrap(base, ["x"] * 3)(x_T, torch.tensor([6, 6, 6])),

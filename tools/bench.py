@@ -191,7 +191,7 @@ def _diffusers_module():
             super().__init__()
             self.unet = unet
 
-        def forward(self, x, t, ctx=None, ctx_mask=None):
+        def forward(self, x, t, ctx=None, ctx_mask=None, pooled=None):
             return self.unet(x, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask,
                              return_dict=False)[0]
 
@@ -527,78 +527,127 @@ def _extra_warmup(parts: frozenset) -> int:
     return {None: 0, "default": 1, "reduce-overhead": 3}[compile_mode(parts)]
 
 
+class _Feed:
+    """The batches a bench step trains on: the one set by ``TrainStep.step`` (precomputed caption
+    embeddings, as training from embedding shards), and a zero null condition for the dropout."""
+
+    def __init__(self, L: int, D: int):
+        self.batch: dict = {}
+        self.L, self.D = L, D
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return self.batch
+
+    def null_condition(self):
+        import torch
+
+        from framework.text import Condition
+        return Condition(torch.zeros(1, self.L, self.D), torch.ones(1, self.L, dtype=torch.bool))
+
+
 class TrainStep:
-    """One (model, variant) as ``framework.engine.train`` runs it: ``step(x0, ctx, mask)`` does
-    q_sample, eps_theta, L_simple, engine.backward, engine.step, the EMA update and loss.item(). The
-    t / eps stream is seeded alike for every runner; any batch size (the engine does not fix it)."""
+    """One (model, variant) trained as ``framework.engine.Trainer`` trains: engine "deepspeed" times
+    ``Trainer.train_step`` itself (q_sample, eps_theta, L_simple with null-text dropout,
+    engine.backward, engine.step) plus the EMA update, with the model swapped in through the
+    Trainer's model_factory; engine "torch" is a plain-PyTorch reference step (no DeepSpeed, autocast
+    bf16 on CUDA) for comparison. Any batch size (the engine does not fix it). The caption mask is
+    always passed (all true without --mask), as the text encoder always gives one in training."""
 
     def __init__(self, preset: str, which: str, parts: frozenset, device, engine_kind: str, cfg,
                  ds_config: Optional[dict], ema: bool = True):
+        import copy
+        import tempfile
+
         import torch
 
-        from framework import diffusion as D
         from framework import engine as E
         self.engine_kind, self.parts, self.device = engine_kind, parts, device
-        self.sched = D.Schedule.from_config(cfg.diffusion)
-        self.grad_clip = cfg.optim.grad_clip
-        torch.manual_seed(0)
-        with torch.device(device):              # initialise on the GPU: seconds, not a minute, at SD2
+        self.use_ema = ema
+        self._losses: list = []
+        (_, _, _), (L, Dc) = input_shapes(preset)
+        kind = checkpointing(parts)
+
+        def factory():
             model = build_model(preset, which)
-        if checkpointing(parts):
-            set_checkpointing(model, which, checkpointing(parts))
-        # channels_last as engine.train does it: the input only (the convolutions follow it);
-        # channels_last weights break deepspeed.initialize (its broadcast views them as uint8)
-        self.model = model = model.to(device)
-        self.optimizer = E._optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
+            if kind:
+                set_checkpointing(model, which, kind)
+            return model
+
         mode = compile_mode(parts)
         if engine_kind == "deepspeed":
-            import deepspeed
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
-            self.module = self.engine.module
-            if mode:                            # as engine.train: DeepSpeed compiles the module in place
-                self.engine.compile(backend="inductor", compile_kwargs={"mode": mode})
-            self.forward = self.engine
-            self.dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+            cfg = copy.deepcopy(cfg)
+            cfg.run_dir = tempfile.mkdtemp(prefix="bench-run-")
+            cfg.checkpoint.every = 0
+            cfg.checkpoint.resume = ""
+            cfg.data.use_embeddings = True
+            cfg.engine.channels_last = "channels_last" in parts
+            cfg.engine.compile = mode is not None
+            cfg.engine.compile_mode = mode or "default"
+            cfg.engine.activation_checkpointing = False      # set by the factory (ours or diffusers')
+            self.feed = _Feed(L, Dc)
+            self.trainer = E.Trainer(cfg, data=self.feed, model_factory=factory)
+            self.module = self.trainer.engine.module
+            self.optimizer = self.trainer.engine.optimizer
+            while not isinstance(self.optimizer, torch.optim.Optimizer) and hasattr(self.optimizer, "optimizer"):
+                self.optimizer = self.optimizer.optimizer
+            self.ema = self.trainer.ema if ema else None
         else:
-            self.engine = self.module = model
+            from framework import diffusion as D
+            from framework.ema import EMA
+            self.sched = D.Schedule.from_config(cfg.diffusion)
+            self.grad_clip = cfg.optim.grad_clip
+            torch.manual_seed(0)
+            with torch.device(device):          # initialise on the GPU: seconds, not a minute, at SD2
+                model = factory()
+            self.model = self.module = model.to(device)
+            self.optimizer = E.build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
             self.forward = torch.compile(model, mode=mode) if mode else model
-            self.dtype = torch.float32
-        self.ema = E.EMA(self.module, zero3=False) if ema else None
+            self.ema = EMA(self.module, zero3=False) if ema else None
+            self.gen = torch.Generator(device=device).manual_seed(3)
         self.module.train()
-        self.gen = torch.Generator(device=device).manual_seed(3)
-        self.autocast = engine_kind == "torch" and device.type == "cuda"
-        self.losses: list[float] = []
         self.params = sum(p.numel() for p in self.module.parameters())
         self.optimizer_name = type(self.optimizer).__name__ + \
             ("(fused)" if self.optimizer.defaults.get("fused") else "")
 
+    @property
+    def losses(self) -> list[float]:
+        """The losses so far (read back here, not in the timed steps: the loop reads them per log)."""
+        return [float(x) for x in self._losses]
+
     def step(self, x0, ctx, mask=None) -> None:
         import torch
 
+        if mask is None:
+            mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
+        if self.engine_kind == "deepspeed":
+            self.feed.batch = {"image": x0, "ctx": ctx, "ctx_mask": mask}
+            self._losses.append(self.trainer.train_step())
+            if self.ema is not None:
+                self.ema.update(0.999)
+            return
         from framework import diffusion as D
         B = x0.shape[0]
         t = torch.randint(1, self.sched.T + 1, (B,), generator=self.gen, device=self.device)
         eps = torch.randn(x0.shape, generator=self.gen, device=self.device)
-        x_t = D.q_sample(self.sched, x0, t, eps)
+        x_t = D.q_sample(self.sched, x0, t, eps, trusted=True)
         if "channels_last" in self.parts:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         if compile_mode(self.parts) == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        ac = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        ac = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with ac:
-            out = self.forward(x_t.to(self.dtype), t, ctx=ctx, ctx_mask=mask).float()
-        loss = D.training_loss(self.sched, out, x0, t, eps).mean()
-        if self.engine_kind == "deepspeed":
-            self.engine.backward(loss)
-            self.engine.step()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            out = self.forward(x_t, t, ctx=ctx, ctx_mask=mask).float()
+        loss = D.training_loss(self.sched, out, x0, t, eps, trusted=True).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(0.999)
-        self.losses.append(loss.item())          # the loop reads the loss every step too
+        self._losses.append(loss.detach())
 
 
 def _throughput(flops_per_image: float, images_per_s: float, peak: dict) -> dict:
