@@ -30,7 +30,7 @@ import warnings
 from typing import Any, Optional
 
 __all__ = ["TAG_RE", "tag_for", "tmp_tag_for", "ckpt_dir", "finalize", "validate", "complete_tags",
-           "find_resume", "read_meta", "update_latest", "prune", "atomic_write_text", "rank_file",
+           "find_resume", "read_meta", "update_latest", "prune", "atomic_write_text", "atomic_write_bytes", "rank_file",
            "ema_file", "convert_to_universal", "atomic_dir"]
 
 TAG_RE = re.compile(r"^step(\d{8,})$")
@@ -57,13 +57,19 @@ def ema_file(tag_dir: str, rank: int) -> str:
     return os.path.join(tag_dir, f"ema-rank{rank:05d}.pt")
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``path`` so that a reader sees the old file or the whole new one: a temporary
+    sibling, fsync, rename."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager

@@ -89,35 +89,44 @@ def test_batch_format(ds):
 
 
 def test_two_ranks_two_workers_disjoint_and_cover(ds):
-    """2 ranks x 2 workers: each reader gets its own shards, every shard is read by exactly one
-    reader, both ranks run the same number of steps; the only loss is the explicit equal-steps drop."""
+    """2 ranks x 2 workers: each reader gets its own samples (whole shards plus at most two pieces
+    of shards), every sample is read by exactly one reader but for the explicit equal-steps drop,
+    which is less than one batch per reader; both ranks run the same number of steps."""
     B, R, W = 4, 2, 2
+    C = R * W
     loaders = [build_loader(cfg_for(ds, num_workers=W), B, r, R, seed=3) for r in range(R)]
     S = loaders[0].steps_per_epoch
     assert S == loaders[1].steps_per_epoch and S % W == 0
+    T = sum(COUNTS) // C                                  # 29 samples per reader
+    assert S // W == T // B                               # 7 batches per reader (whole shards: 6)
+    all_keys = {f"d{s:02d}x{i:03d}" for s, n in enumerate(COUNTS) for i in range(n)}
+
+    def piece_keys(url, a, b):
+        s = int(os.path.basename(url)[2:8])               # d-0000NN.tar
+        return {f"d{s:02d}x{i:03d}" for i in range(a, COUNTS[s] if b is None else b)}
+
     for epoch in range(2):
-        assign = loaders[0].epoch_assignment(epoch)
-        assert assign == loaders[1].epoch_assignment(epoch)
-        shard_sets = [frozenset(v) for v in assign.values()]
-        all_urls = [sh.url for sh in expand_spec(ds)[0]]
-        assert sorted(u for s in shard_sets for u in s) == sorted(all_urls)   # disjoint and covering
+        pieces = loaders[0].epoch_pieces(epoch)
+        assert pieces == loaders[1].epoch_pieces(epoch)
+        assert all(sum(b is not None for _, _, b in v) <= 2 for v in pieces.values())
+        groups = {rw: set().union(*(piece_keys(*p) for p in v)) for rw, v in pieces.items()}
+        assert all(len(g) == T for g in groups.values())
+        union = set().union(*groups.values())
+        assert len(union) == C * T and union <= all_keys                      # disjoint
+        assert len(all_keys - union) == sum(COUNTS) % C                       # the remainder, < C
         seen_keys: list[str] = []
         for r, L in enumerate(loaders):
             batches = take(L, S)
             for i, b in enumerate(batches):
                 w = i % W      # DataLoader round robin: step i of the epoch comes from worker i % W
-                got = {shard_of(k) for k in b["key"]}
-                want = {int(os.path.basename(u)[2:8]) for u in assign[(r, w)]}   # d-0000NN.tar
-                assert got <= want, (epoch, r, w, got, want)
+                assert set(b["key"]) <= groups[(r, w)], (epoch, r, w)
             seen_keys += keys_of(batches)
         assert len(seen_keys) == len(set(seen_keys)) == S * B * R          # nobody read a sample twice
         dropped = sum(COUNTS) - len(seen_keys)
-        assert dropped == loaders[0].dropped_per_epoch >= 0                  # the explicit drop
-        # the drop is the surplus over the smallest group: S/W batches per reader
-        groups = [sum(COUNTS[int(os.path.basename(u)[2:8])] for u in v) for v in assign.values()]
-        assert S // W == min(groups) // B
-        assert dropped == sum(g - (S // W) * B for g in groups)
+        assert dropped == loaders[0].dropped_per_epoch == sum(COUNTS) - C * (S // W) * B
+        assert dropped < C * B                                               # < one batch per reader
         assert all(L.epoch == epoch + 1 for L in loaders)
+    assert "dropped" not in loaders[0].summary() and "4 samples (3.45%) left out" in loaders[0].summary()
     for L in loaders:
         L.close()
 
@@ -388,7 +397,7 @@ def test_tar_reader_matches_tarfile_and_recovers(tmp_path):
     import gzip
     import tarfile
 
-    from framework.data import _tar_members
+    from framework.tario import tar_members as _tar_members
 
     rng = np.random.default_rng(0)
     files = [("k1.txt", b"hello"), ("d/" + "x" * 120 + ".bin", rng.bytes(700)),

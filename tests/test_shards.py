@@ -15,8 +15,9 @@ from PIL import Image
 
 from framework.config import DataConfig, TextConfig
 from framework.data import build_loader, iter_shard_samples
-from framework.shards import (FASHION_CLASSES, MANIFEST, ShardWriter, clean_emoji_name, fashion_mnist_source,
-                              openmoji_source, read_manifest)
+from framework.shardformat import MANIFEST, read_manifest
+from framework.shards import ShardWriter
+from framework.sources import FASHION_CLASSES, clean_emoji_name, fashion_mnist_source, openmoji_source
 from tools import inspect_shards as inspect_tool
 from tools import make_shards
 
@@ -273,7 +274,7 @@ def test_precompute_text_round_trip(tmp_path, monkeypatch):
 
     encoder = TextEncoder(TextConfig(encoder=enc_dir, max_length=16), device="cpu")
     s = read_all(tmp_path / "emb")
-    from framework.shards import unpack_embedding
+    from framework.shardformat import unpack_embedding
     for key, smp in s.items():
         emb = np.load(io.BytesIO(smp["emb.npy"]))
         mask = np.load(io.BytesIO(smp["mask.npy"]))
