@@ -54,9 +54,10 @@ Exact resume
     and the shuffle buffer as (piece, sample index, byte offset) references. ``state_dict()`` holds
     the step and the position of every worker after the last batch the trainer CONSUMED (not the
     prefetched ones). On ``load_state_dict`` the DataLoader is restarted; DataLoader worker j plays
-    logical worker ``(j + step) % W``, re-reads the samples its buffer referenced (opening only
-    those shards, seeking to each sample) and continues the piece it was reading at its byte
-    offset: the cost of a resume is O(shuffle buffer), not O(epoch). Bad samples are found at
+    logical worker ``(j + step) % W``, continues the piece it was reading at its byte offset and
+    re-reads a buffered sample when the shuffle draws it (a seek to its offset; remote or
+    compressed shards: each shard in the buffer read once at the restart): the cost of a resume
+    is O(shuffle buffer) at most, not O(epoch). Bad samples are found at
     decode time, after the buffer, so skips replay exactly.
 
 Bad samples
@@ -437,31 +438,34 @@ class _DatasetStream:
         self.it: Optional[Iterator[dict]] = None
         if st.get("r") is not None:
             self.reader = ShardReader.from_state(self.shards[self.cur[0]].url, st["r"], self.cur[2])
-        self.buf: list[tuple[dict, tuple]] = self._restore(st.get("buf") or [])
+        self.buf: list[tuple[Optional[dict], tuple]] = self._restore(st.get("buf") or [])
 
     def _new_order(self, rng_state: Optional[str] = None) -> None:
         tag = (self.d, self.epoch, self.c) if self.plan.resampled else (self.d, self.epoch, self.c, self.p)
         self.rng = _rng_from(rng_state, ":".join(map(str, (self.plan.seed, "shuffle") + tag)))
         self.order = None if self.plan.resampled else self.plan.pass_order(self.d, self.epoch, self.c, self.p)
 
-    def _restore(self, refs: list) -> list[tuple[dict, tuple]]:
-        """Re-read the samples a saved buffer referenced: each shard opened once, each sample sought."""
-        by_shard: dict[int, list] = collections.defaultdict(list)
-        for i, j, off in refs:
-            by_shard[i].append((j, off))
-        got: dict[tuple[int, int], dict] = {}
-        for i, want in by_shard.items():
-            for j, s in read_samples_at(self.shards[i].url, want).items():
-                got[(i, j)] = s
-        out = []
-        for i, j, off in refs:
-            s = got.get((i, j))
-            if s is None:
-                raise DataError(f"resume: sample {j} of {self.shards[i].url} cannot be read again "
-                                f"(the shard changed since the checkpoint?)")
-            s["__pass__"] = self.p
-            out.append((s, (i, j, off)))
+    def _restore(self, refs: list) -> list[tuple[Optional[dict], tuple]]:
+        """A saved buffer back from its references. Samples of local uncompressed tars (byte offset
+        known) are read when drawn (a seek and a few reads each): the first batch after a resume
+        costs about what it costs fresh. The others are read now, each shard in one pass."""
+        out: list[tuple[Optional[dict], tuple]] = [(None, tuple(r)) for r in refs]
+        eager: dict[int, list] = collections.defaultdict(list)
+        for n, (i, j, off) in enumerate(refs):
+            if off is None or is_remote(self.shards[i].url):
+                eager[i].append((n, j, off))
+        for i, want in eager.items():
+            got = read_samples_at(self.shards[i].url, [(j, off) for _, j, off in want])
+            for n, j, off in want:
+                out[n] = (self._tagged(got.get(j), i, j), (i, j, off))
         return out
+
+    def _tagged(self, s: Optional[dict], i: int, j: int) -> dict:
+        if s is None:
+            raise DataError(f"resume: sample {j} of {self.shards[i].url} cannot be read again "
+                            f"(the shard changed since the checkpoint?)")
+        s["__pass__"] = self.p
+        return s
 
     def _pull(self) -> Optional[tuple[dict, tuple]]:
         """The next raw sample of this pass's pieces with its reference; None at the end of the pass."""
@@ -504,10 +508,13 @@ class _DatasetStream:
     def _pick(self) -> dict:
         buf = self.buf
         k = self.rng.randint(0, len(buf) - 1)
-        s = buf[k]
+        s, ref = buf[k]
         buf[k] = buf[-1]
         buf.pop()
-        return s[0]
+        if s is None:                            # restored by reference: read it now
+            i, j, off = ref
+            s = self._tagged(read_samples_at(self.shards[i].url, [(j, off)]).get(j), i, j)
+        return s
 
     def next(self) -> dict:
         while True:

@@ -4,8 +4,8 @@ count source exists. No torch.
 Where a count comes from, first found wins:
 1. ``shards.json`` beside the shards (the writer's manifest, or the count cache below);
 2. img2dataset's ``{shard}_stats.json`` (``successes``): nothing else is opened;
-3. local tars with neither: their headers are read once, in parallel (a process pool; the data
-   is seeked over), a damaged or truncated tar counted as far as it reads, and the counts are
+3. local tars with neither: their headers are read once, in parallel (a thread pool: the time
+   is I/O latency; the data is seeked over), a damaged or truncated tar counted as far as it reads, and the counts are
    cached: a ``shards.json`` beside the tars when that folder is writable (a counts-only
    manifest: ``"source": {"kind": "counted"}``, each entry with the tar's ``bytes`` and
    ``mtime_ns`` so that a changed tar is counted again), else in ``cache_dir``
@@ -61,21 +61,19 @@ def _stat(path: str) -> Optional[tuple[int, int]]:
     return st.st_size, st.st_mtime_ns
 
 
-def _count_one(path: str) -> tuple[int, Optional[str]]:
-    return count_tar(path)
-
-
 def _count_many(paths: list[str], heartbeat=None) -> list[tuple[int, Optional[str]]]:
-    if len(paths) < _POOL_MIN or (os.cpu_count() or 1) < 2:
+    """``count_tar`` over many tars, in a thread pool. Counting is a few small reads and seeks per
+    sample: on a network filesystem its time is I/O latency, which threads overlap (the reads
+    release the GIL). Processes would add nothing there and cost more: ``spawn`` re-imports the
+    caller's main module in every worker (seconds), ``fork`` is unsafe once torch, gloo or CUDA
+    threads run."""
+    if len(paths) < _POOL_MIN:
         return [count_tar(p) for p in paths]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-    # spawn: the caller may hold threads (torch, gloo, CUDA) that a fork would copy mid-state
-    workers = min(os.cpu_count() or 1, 32)
     out = []
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-        for i, r in enumerate(ex.map(_count_one, paths, chunksize=max(1, min(256, len(paths) // (8 * workers))))):
+    with ThreadPoolExecutor(min(32, 4 * (os.cpu_count() or 1))) as ex:
+        for i, r in enumerate(ex.map(count_tar, paths)):
             out.append(r)
             if heartbeat is not None and i % 500 == 0:
                 heartbeat()
@@ -122,10 +120,16 @@ class _Lock:
             self.held = False
 
 
+def _writable(folder: str) -> bool:
+    return os.access(folder, os.W_OK)
+
+
 def _cache_file(folder: str, cache_dir: Optional[str]) -> str:
-    """The counts cache of a folder of tars: its shards.json when writable, else one in cache_dir."""
-    if os.access(folder, os.W_OK):
-        return os.path.join(folder, MANIFEST)
+    """The counts cache of a folder of tars: its shards.json when writable (and not a writer's
+    manifest, which is never replaced), else one in cache_dir."""
+    own = os.path.join(folder, MANIFEST)
+    if _writable(folder) and _counted_only(own):
+        return own
     h = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]
     return os.path.join(cache_dir or default_cache_dir(), f"{h}-{MANIFEST}")
 
@@ -164,6 +168,7 @@ def count_local_tars(paths: Sequence[str], cache_dir: Optional[str] = None, wait
             sources.append(_read_cached(cache_path))
         todo: list[int] = []
         stats: dict[int, tuple[int, int]] = {}
+        new: dict[str, dict] = {}                # entries to add to the cache
         for i in idx:
             p = local_path(paths[i])
             name = os.path.basename(p)
@@ -178,9 +183,12 @@ def count_local_tars(paths: Sequence[str], cache_dir: Optional[str] = None, wait
             c = read_stats_count(p)
             if c is not None:
                 counts[i] = c
+                new[name] = {"url": name, "count": c, "bytes": st[0], "mtime_ns": st[1], "from": "_stats.json"}
             else:
                 todo.append(i)
         if not todo:
+            if new:
+                _write_cache(cache_path, folder, {**sources[-1], **new})
             continue
         lock = _Lock(cache_path)
         deadline = time.time() + wait_s
@@ -194,14 +202,16 @@ def count_local_tars(paths: Sequence[str], cache_dir: Optional[str] = None, wait
             time.sleep(0.2)
         try:
             cached = _read_cached(cache_path)    # the other process may have counted them meanwhile
-            still = [i for i in todo if not _valid(cached.get(os.path.basename(local_path(paths[i]))), stats[i])]
+            still = []
             for i in todo:
-                if i not in still:
-                    counts[i] = int(cached[os.path.basename(local_path(paths[i]))]["count"])
+                name = os.path.basename(local_path(paths[i]))
+                if _valid(cached.get(name), stats[i]):
+                    counts[i] = int(cached[name]["count"])
+                else:
+                    still.append(i)
             if still:
                 t0 = time.perf_counter()
                 res = _count_many([local_path(paths[i]) for i in still], heartbeat=lock.touch)
-                new = dict(cached)
                 for i, (n, problem) in zip(still, res):
                     counts[i] = n
                     name = os.path.basename(local_path(paths[i]))
@@ -210,7 +220,8 @@ def count_local_tars(paths: Sequence[str], cache_dir: Optional[str] = None, wait
                         new[name]["problem"] = problem
                         log.warning("shard %s: counted %d samples as far as it reads (%s)", paths[i], n, problem)
                 log.info("counted %d tars in %s in %.1f s", len(still), folder, time.perf_counter() - t0)
-                _write_cache(cache_path, folder, new)
+            if new:
+                _write_cache(cache_path, folder, {**cached, **new})
         finally:
             lock.release()
     return counts

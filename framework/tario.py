@@ -239,8 +239,9 @@ class ShardReader:
     ``problems`` what went wrong so far (``problems`` can be handed in: a restarted reader)."""
 
     def __init__(self, url: str, start: int = 0, offset: Optional[int] = None, stop: Optional[int] = None,
-                 problems: Sequence[str] = (), fileobj=None):
+                 problems: Sequence[str] = (), fileobj=None, wanted: Optional[set] = None):
         self.url, self.start, self.stop = url, start, stop
+        self.wanted = wanted                    # only these sample indices (the others: headers only)
         self.fileobj = fileobj                  # an open local file to use (and leave open)
         self.offset = offset if start > 0 else 0
         self.problems = list(problems)
@@ -262,7 +263,7 @@ class ShardReader:
     def __iter__(self) -> Iterator[dict]:
         if self.done:
             return
-        url, start, stop = self.url, self.start, self.stop
+        url, start, stop, wanted = self.url, self.start, self.stop, self.wanted
         base = self.offset or 0
         if self.fileobj is not None:
             f, size = self.fileobj, os.fstat(self.fileobj.fileno()).st_size
@@ -279,7 +280,7 @@ class ShardReader:
                 return True
             prefix, _ = _split_name(name)
             i = idx + (prefix is not None and prefix != key)
-            return i < start or (stop is not None and i >= stop)
+            return i < start or (stop is not None and i >= stop) or (wanted is not None and i not in wanted)
 
         try:
             for name, data, off in tar_records(f, url, self.problems, base=base, skip=skip, size=size):
@@ -297,7 +298,8 @@ class ShardReader:
                             return
                     idx += 1
                     key, cur_off = prefix, off
-                    cur = {"__key__": prefix, "__url__": url} if idx >= start else None
+                    cur = ({"__key__": prefix, "__url__": url}
+                           if idx >= start and (wanted is None or idx in wanted) else None)
                     if stop is not None and idx >= stop:       # reached while skipping
                         self.j, self.next_offset, self.done = idx, off, True
                         return
@@ -355,27 +357,17 @@ def iter_shard_samples(url: str, events: Optional[list] = None, expected: Option
 
 
 def read_samples_at(url: str, refs: Sequence[tuple[int, Optional[int]]]) -> dict[int, dict]:
-    """Samples ``j`` of one shard by (j, byte offset or None), opening it once: {j: sample}.
-    Used to refill a shuffle buffer on resume. Samples that cannot be read are missing."""
-    out: dict[int, dict] = {}
+    """Samples ``j`` of one shard by (j, byte offset or None): {j: sample}. One pass from the first
+    wanted sample to the last, the others' data seeked over (headers only). Used to refill a
+    shuffle buffer on resume. Samples that cannot be read are missing from the result."""
     want = sorted(set((int(j), off) for j, off in refs), key=lambda r: r[0])
     if not want:
-        return out
-    if all(off is not None for _, off in want) and not is_remote(url):
-        f, _, _ = _open(url, 0)
-        try:
-            for j, off in want:                  # seek to each: reads only these samples
-                for s in ShardReader(url, j, off, j + 1, fileobj=f):
-                    out[j] = s
-        finally:
-            f.close()
-        return out
-    wanted = {j for j, _ in want}
-    last = want[-1][0]
-    r = ShardReader(url, want[0][0], want[0][1], last + 1)
-    for i, s in zip(range(want[0][0], last + 1), r):
-        if i in wanted:
-            out[i] = s
+        return {}
+    (j0, off0), last = want[0], want[-1][0]
+    r = ShardReader(url, j0, off0, last + 1, wanted={j for j, _ in want})
+    out = {}
+    for s in r:
+        out[r.j - 1] = s
     return out
 
 
