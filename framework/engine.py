@@ -468,6 +468,7 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
     if data is None:
         from .data import build_loader
         loader = build_loader(cfg.data, cfg.engine.micro_batch, rank, world, cfg.seed)
+        print0(loader.summary())     # data hook (issue 15): shards, samples, steps, what is left out per epoch
         if cfg.data.use_embeddings:
             null = loader.null_condition()
     if null is not None:

@@ -282,8 +282,11 @@ class ShardReader:
             i = idx + (prefix is not None and prefix != key)
             return i < start or (stop is not None and i >= stop) or (wanted is not None and i not in wanted)
 
+        # skip only where data is to be passed over (a sample after the range costs one member read)
+        needed = (start > 0 and self.offset is None) or wanted is not None
         try:
-            for name, data, off in tar_records(f, url, self.problems, base=base, skip=skip, size=size):
+            for name, data, off in tar_records(f, url, self.problems, base=base, skip=skip if needed else None,
+                                               size=size):
                 if _is_meta(name):
                     continue
                 prefix, suffix = _split_name(name)
