@@ -28,11 +28,11 @@ import sys
 import warnings
 from typing import Any, Optional
 
-from .files import atomic_dir, atomic_write_text
+from .files import atomic_write_text
 
 __all__ = ["TAG_RE", "tag_for", "tmp_tag_for", "ckpt_dir", "finalize", "validate", "complete_tags",
-           "find_resume", "read_meta", "update_latest", "prune", "atomic_write_text", "rank_file",
-           "ema_file", "convert_to_universal", "atomic_dir"]
+           "find_resume", "read_meta", "update_latest", "prune", "rank_file", "ema_file",
+           "convert_to_universal"]
 
 TAG_RE = re.compile(r"^step(\d{8,})$")
 MANIFEST = "complete.json"

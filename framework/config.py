@@ -49,6 +49,8 @@ class DataConfig:
     random_flip: bool = False       # off for text-conditioned data by default (text can say "left")
     image_keys: str = "png;jpg;jpeg;webp;npy"
     caption_key: str = "txt"
+    captions: Literal["auto", "one", "lines"] = "auto"   # a .txt is one caption; lines: one per line;
+                                    # auto: lines only where the shards.json says so (this project's writer)
     use_embeddings: bool = False    # read precomputed text embeddings (emb.npy, mask.npy) from the shards
     label_key: str = "label"        # in the json metadata (classifier task, evaluation)
     shuffle_buffer: int = 1000
@@ -59,6 +61,8 @@ class DataConfig:
     max_bad_fraction: float = 0.05  # abort when more than this fraction of samples is bad
     bad_warn_every: int = 100       # rate limit of the bad-sample warning
     bad_check_after: int = 100      # max_bad_fraction is enforced once this many samples were read
+    count_cache: str = ""           # where tar counts are cached when the shards' folder is read-only
+                                    # (empty: ~/.cache/framework/shard-counts)
 
 
 @dataclass

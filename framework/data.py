@@ -10,24 +10,29 @@ No torch.distributed, no deepspeed: rank and world size are passed in.
 Shards and datasets
     ``cfg.urls`` entries are local paths, brace patterns (``data-{000000..000099}.tar``), ``http(s)://``
     URLs, ``pipe:`` commands (only with ``cfg.allow_pipe``), a ``shards.json`` manifest or a folder
-    holding one. Per-shard sample counts come from the manifest (for plain local tars without one,
-    by scanning the tar headers). Several entries without ``cfg.weights`` form one dataset;
-    with weights each entry is a dataset and samples are mixed by a seeded draw per sample.
+    holding one, or a folder of tars without one (img2dataset's output read as it is). Per-shard
+    sample counts come from the manifest, img2dataset's ``_stats.json``, or a cached count of the
+    tar headers (``framework/shardlist.py``). Several entries without ``cfg.weights`` form one
+    dataset; with weights each entry is a dataset and samples are mixed by a seeded draw per sample.
 
 Who reads what (the plan)
     A rank has W logical workers (``num_workers``, 1 when 0); consumer ``c = rank * W + worker``.
-    The shards are partitioned once into ``world * W`` groups balanced by sample count (largest
-    first onto the lightest group). Epoch e gives group ``perm_e[c]`` to consumer c (``perm_e`` a
-    permutation seeded by seed and e when ``shardshuffle``) and reads its shards in an order seeded
-    by (seed, e, c). So within an epoch no two consumers (ranks x workers) read the same shard.
-    Each consumer's samples go through a shuffle buffer (webdataset's ``shuffle``, seeded by
-    (seed, e, c)), are decoded, and are batched INSIDE the worker.
+    With known counts the N samples are split once into ``world * W`` groups of exactly
+    ``T = N // (world * W)`` samples: the shards are ordered by a balanced partition (largest
+    first onto the lightest group) and cut every T samples, so a group is whole shards plus at
+    most two pieces of shards (sample ranges ``[a, b)``; the reader skips the first a samples
+    member by member, reading headers only). Without counts a group is whole shards, balanced by
+    number. Epoch e gives group ``perm_e[c]`` to consumer c (``perm_e`` a permutation seeded by
+    seed and e when ``shardshuffle``) and reads its pieces in an order seeded by (seed, e, c). So
+    within an epoch no two consumers (ranks x workers) read the same sample. Each consumer's
+    samples go through a shuffle buffer (webdataset's algorithm, with a counter-based seeded draw
+    so that its state is a position), are decoded, and are batched INSIDE the worker.
 
 Equal steps on every rank
     Every worker yields exactly ``s`` batches per epoch and every rank ``steps_per_epoch = s * W``,
     whatever the shard sizes. With ``samples_per_epoch == 0`` (finite, not resampled, one dataset),
-    ``s = min over consumers of floor(samples in its group / batch)``: the surplus of the larger
-    groups is dropped each epoch (``loader.dropped_per_epoch``). Otherwise
+    ``s = floor(T / batch)``: what is dropped each epoch (``loader.dropped_per_epoch``, said at
+    startup by ``loader.summary()``) is less than one batch per reader. Otherwise
     ``s = samples_per_epoch // (world * W * batch)`` (at least 1) and a consumer whose group runs
     out reads it again (a new pass, reshuffled; counted as ``repeated``).
 
@@ -44,12 +49,16 @@ Exact resume
     torch's DataLoader hands out work to its workers round-robin and returns their outputs in that
     order, so global step k of the current run comes from logical worker ``k % W`` and each
     worker's stream is a pure function of (seed, epoch, consumer). Each batch carries its worker's
-    position (epoch, raw samples drawn, batches done, counters). ``state_dict()`` holds the step and
-    the position of every worker after the last batch the trainer CONSUMED (not the prefetched
-    ones). On ``load_state_dict`` the DataLoader is restarted; DataLoader worker j plays logical
-    worker ``(j + step) % W``, re-opens its epoch stream and fast-forwards the raw samples it had
-    drawn WITHOUT decoding them (tar reading and the shuffle buffer only). Bad samples are found at
-    decode time, so a position counts raw samples, not good ones: skips replay exactly.
+    position: epoch, batches done, counters, and where its stream stands -- per dataset the pass,
+    the piece being read (sample index and byte offset in its shard), the number of shuffle draws
+    and the shuffle buffer as (piece, sample index, byte offset) references. ``state_dict()`` holds
+    the step and the position of every worker after the last batch the trainer CONSUMED (not the
+    prefetched ones). On ``load_state_dict`` the DataLoader is restarted; DataLoader worker j plays
+    logical worker ``(j + step) % W``, continues the piece it was reading at its byte offset and
+    re-reads a buffered sample when the shuffle draws it (a seek to its offset; remote or
+    compressed shards: each shard in the buffer read once at the restart): the cost of a resume
+    is O(shuffle buffer) at most, not O(epoch). Bad samples are found at
+    decode time, after the buffer, so skips replay exactly.
 
 Bad samples
     Undecodable image, missing caption or image, empty member, wrong shape, corrupt tar member
@@ -58,9 +67,19 @@ Bad samples
     ``bad_warn_every``-th). Once ``bad_check_after`` samples were read, a bad fraction above
     ``max_bad_fraction`` aborts with ``DataError``. A missing or unreadable shard is a ``DataError``
     naming it.
+
+Images and captions
+    A ``.txt`` is one caption (newlines and tabs are whitespace); several captions come from a
+    JSON caption member or ``data.captions=lines`` (or a manifest that says ``caption_lines``, as
+    this project's writer does); one is drawn per sample and epoch. 16-bit images (PNG/TIFF
+    ``I;16``, ``I``) are scaled to 8 bits (``v * 255 / 65535``), not clipped. Images with alpha (RGBA,
+    LA, palette transparency) are composited onto WHITE before the mode conversion: transparent
+    product shots and emoji then look as they do in a browser, and no black halo appears where
+    colour under alpha 0 is undefined.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
 import io
@@ -68,300 +87,23 @@ import json
 import logging
 import os
 import random
-import re
-import tarfile
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .shardformat import (DataError, is_remote, join_url, local_path, manifest_caption_lines, sample_captions,
+                          unpack_embedding, url_dir)
+from .shardlist import Shard, expand_spec
+from .tario import ShardReader, iter_shard_samples, read_samples_at, shard_events
+
 __all__ = ["build_loader", "ShardLoader", "DataError", "Shard", "expand_spec", "iter_shard_samples",
-           "decode_sample", "STATE_VERSION"]
+           "decode_sample", "STATE_VERSION", "BAD_REASONS"]
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
-MANIFEST = "shards.json"
+STATE_VERSION = 2
 BAD_REASONS = ("decode", "no_image", "no_caption", "empty_file", "shape", "no_embedding", "corrupt_tar")
-
-
-class DataError(ValueError):
-    """A data problem the run cannot continue past (missing shard, too many bad samples, ...)."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    count: Optional[int]       # samples, from the manifest (None: unknown)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shard lists
-# ---------------------------------------------------------------------------------------------
-def _is_remote(url: str) -> bool:
-    return bool(re.match(r"^[a-z][a-z0-9+.-]*:", url)) and not url.startswith("file:")
-
-
-def _local_path(url: str) -> str:
-    return re.sub(r"^file://?", "/", url) if url.startswith("file:") else url
-
-
-def _count_tar(path: str) -> int:
-    """Samples in a local tar (distinct keys of consecutive members), by reading headers only."""
-    from webdataset.tariterators import base_plus_ext
-
-    n, last = 0, None
-    with tarfile.open(path, mode="r:", ignore_zeros=True) as tf:
-        for ti in tf:
-            if not ti.isreg():
-                continue
-            prefix, _ = base_plus_ext(ti.name)
-            if prefix is not None and prefix != last:
-                n += 1
-                last = prefix
-    return n
-
-
-def _read_manifest_file(path: str) -> dict:
-    if _is_remote(path):
-        from webdataset.gopen import gopen
-        with gopen(path) as f:
-            m = json.loads(f.read())
-    else:
-        with open(_local_path(path), encoding="utf-8") as f:
-            m = json.load(f)
-    if not isinstance(m, dict) or not isinstance(m.get("shards"), list):
-        raise DataError(f"{path}: not a shard manifest (no 'shards' list)")
-    return m
-
-
-def _join(base: str, url: str) -> str:
-    if _is_remote(url) or os.path.isabs(url):
-        return url
-    return base.rstrip("/") + "/" + url if _is_remote(base) else os.path.join(base, url)
-
-
-def expand_spec(spec: Union[str, Sequence[str]], allow_pipe: bool = True,
-                count_local: bool = True) -> tuple[list[Shard], Optional[dict]]:
-    """A shard spec -> (shards with counts, the manifest if one was found).
-
-    ``spec``: a path, brace pattern or URL, a ``shards.json`` (or a folder with one), ``a::b``
-    (several), or a list of those. Brace patterns are expanded with ``braceexpand``. For local tars
-    the counts come from a ``shards.json`` beside them, else from their headers."""
-    import braceexpand
-
-    items = [spec] if isinstance(spec, str) else list(spec)
-    parts = [p.strip() for s in items for p in str(s).split("::") if p.strip()]
-    shards: list[Shard] = []
-    manifest: Optional[dict] = None
-    for part in parts:
-        if part.startswith("pipe:") and not allow_pipe:
-            raise ValueError(f"pipe: URL {part!r} runs a shell command; set data.allow_pipe=true to allow it")
-        local = not _is_remote(part)
-        if part.endswith(".json") or (local and os.path.isdir(_local_path(part))):
-            mpath = os.path.join(_local_path(part), MANIFEST) if local and os.path.isdir(_local_path(part)) else part
-            if local and not os.path.exists(_local_path(mpath)):
-                raise DataError(f"shard manifest {mpath} not found")
-            m = _read_manifest_file(mpath)
-            base = os.path.dirname(os.path.abspath(_local_path(mpath))) if local else mpath.rsplit("/", 1)[0]
-            for sh in m["shards"]:
-                shards.append(Shard(_join(base, sh["url"]), sh.get("count")))
-            manifest = manifest or m
-            continue
-        urls = list(braceexpand.braceexpand(part))
-        counts: dict[str, int] = {}
-        if local:
-            d = os.path.dirname(os.path.abspath(_local_path(urls[0])))
-            mp = os.path.join(d, MANIFEST)
-            if os.path.exists(mp):
-                try:
-                    m = _read_manifest_file(mp)
-                    counts = {os.path.basename(s["url"]): s.get("count") for s in m["shards"]}
-                    manifest = manifest or m
-                except (ValueError, OSError):
-                    counts = {}
-        for u in urls:
-            c = counts.get(os.path.basename(u)) if local else None
-            if local and c is None and count_local and os.path.exists(_local_path(u)):
-                try:
-                    c = _count_tar(_local_path(u))
-                except (tarfile.TarError, OSError):
-                    c = None
-            shards.append(Shard(u, c))
-    return shards, manifest
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading one shard: webdataset's gopen + group_by_keys, a tolerant member iterator
-# ---------------------------------------------------------------------------------------------
-_ZERO_BLOCK = bytes(512)
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
-
-
-def _tar_number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:                     # GNU base-256
-        return int.from_bytes(field[1:], "big")
-    return int(field.replace(b"\0", b" ").strip() or b"0", 8)
-
-
-def _pax_path(data: bytes) -> Optional[str]:
-    i = 0
-    while i < len(data):
-        sp = data.index(b" ", i)
-        n = int(data[i:sp])
-        key, _, value = data[sp + 1:i + n - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "replace")
-        i += n
-    return None
-
-
-class _Prefixed(io.RawIOBase):
-    """A stream with some already-read bytes put back in front (for tarfile's fallback)."""
-
-    def __init__(self, head: bytes, rest):
-        self.head, self.rest = head, rest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self.head:
-            n = min(len(b), len(self.head))
-            b[:n] = self.head[:n]
-            self.head = self.head[n:]
-            return n
-        data = self.rest.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-
-def _tar_members(f, url: str, problems: list) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of a tar stream, in order.
-
-    Uncompressed tar (what webdataset writes): a direct ustar/GNU/pax header parser, several times
-    faster than ``tarfile`` per member, with ``tarfile``'s ``ignore_zeros`` recovery: a block whose
-    header checksum fails is skipped, so one damaged header loses one member, not the shard.
-    Compressed tars go through ``tarfile`` (``r|*``). Problems are appended to ``problems``."""
-    hdr = f.read(512)
-    if hdr.startswith(_COMPRESSED):
-        try:
-            tf = tarfile.open(fileobj=_Prefixed(hdr, f), mode="r|*", ignore_zeros=True)
-        except Exception as e:
-            raise DataError(f"shard {url} is unreadable: {e!r}") from e
-        try:
-            for ti in tf:
-                if ti.isreg():
-                    data = tf.extractfile(ti).read()
-                    if len(data) != ti.size:
-                        problems.append(f"{ti.name}: truncated")
-                        return
-                    yield ti.name, data
-                tf.members = []
-        except Exception as e:
-            problems.append(repr(e))
-        return
-    long_name: Optional[str] = None
-    in_bad_run = False
-    end_marker = False
-    while True:
-        if len(hdr) < 512:
-            if hdr:
-                problems.append("truncated tar header")
-            elif not end_marker:
-                problems.append("truncated (no end-of-archive blocks)")
-            return
-        if hdr == _ZERO_BLOCK:
-            end_marker = True
-        else:
-            end_marker = False
-            try:
-                chk = _tar_number(hdr[148:156])
-                ok = chk == sum(hdr[:148]) + 256 + sum(hdr[156:])
-                size = _tar_number(hdr[124:136]) if ok else 0
-            except ValueError:
-                ok = False
-            if not ok:
-                if not in_bad_run:
-                    problems.append("damaged tar header (skipped)")
-                in_bad_run = True
-            else:
-                in_bad_run = False
-                name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                if hdr[257:263] == b"ustar\x00":
-                    prefix = hdr[345:500].split(b"\0", 1)[0]
-                    if prefix:
-                        name = prefix.decode("utf-8", "replace") + "/" + name
-                typ = hdr[156:157]
-                data = f.read(size)
-                if len(data) < size:
-                    problems.append(f"{name}: truncated")
-                    return
-                pad = -size % 512
-                if pad and len(f.read(pad)) < pad:
-                    problems.append(f"{name}: truncated")
-                    if typ in (b"0", b"\0", b"7"):
-                        yield (long_name or name), data      # its bytes are complete
-                    return
-                if typ == b"x":                           # pax header of the next member
-                    long_name = _pax_path(data) or long_name
-                elif typ == b"L":                         # GNU long name of the next member
-                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-                elif typ in (b"0", b"\0", b"7"):
-                    yield (long_name or name), data
-                    long_name = None
-                elif typ != b"g":
-                    long_name = None                      # directories, links, ...: skipped
-        hdr = f.read(512)
-
-
-def iter_shard_samples(url: str, events: Optional[list] = None, expected: Optional[int] = None
-                       ) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "__url__", ext: bytes, ...}`` of one shard.
-
-    Opening is webdataset's ``gopen`` (local, http(s) via curl, pipe:); grouping is its
-    ``group_by_keys``. Members are read with ``ignore_zeros`` so that one damaged header loses one
-    member, not the rest of the shard. Damage is appended to ``events`` as
-    ``("corrupt_tar", url, detail, n_lost)``; with ``expected`` (the manifest count) a shortfall is
-    reported as lost samples. A shard that cannot be opened at all raises ``DataError``."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys
-
-    events = events if events is not None else []
-    try:
-        stream = gopen(url)
-    except Exception as e:
-        raise DataError(f"shard {url} is missing or unreadable: {e}") from e
-    problems: list[str] = []
-
-    def members():
-        try:
-            for name, data in _tar_members(stream, url, problems):
-                if "/" not in name and name.startswith("__") and name.endswith("__"):
-                    continue
-                yield {"fname": name, "data": data, "__url__": url}
-        finally:
-            try:
-                stream.close()
-            except Exception as e:   # a pipe: command that failed reports here
-                problems.append(repr(e))
-
-    def handler(exn: Exception) -> bool:
-        problems.append(repr(exn))
-        return True
-
-    n = 0
-    for sample in group_by_keys(members(), handler=handler):
-        n += 1
-        yield sample
-    if n == 0 and expected != 0:
-        raise DataError(f"shard {url} is unreadable: no sample could be read"
-                        + (f" ({'; '.join(problems[:3])})" if problems else f" (the manifest says {expected})"))
-    lost = (expected - n) if expected is not None and n < expected else 0
-    if problems or lost:
-        events.append(("corrupt_tar", url, "; ".join(problems[:3]) or f"{n} of {expected} samples readable",
-                       lost if expected is not None else max(1, len(problems))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,22 +120,7 @@ class _Reject(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _captions_of(raw: bytes, key: str) -> list[str]:
-    text = raw.decode("utf-8", errors="replace")
-    if key in ("json", "jsn") or text.lstrip().startswith("["):
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict):
-            obj = obj.get("captions", obj.get("caption"))
-        if isinstance(obj, str):
-            obj = [obj]
-        if isinstance(obj, list):
-            return [" ".join(str(c).split()) for c in obj if str(c).strip()]
-        if key in ("json", "jsn"):
-            return []
-    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+_16BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _to_image(data: bytes, cfg, rng: random.Random) -> np.ndarray:
@@ -403,8 +130,11 @@ def _to_image(data: bytes, cfg, rng: random.Random) -> np.ndarray:
     if im.format == "JPEG":       # let libjpeg decode at a reduced scale (>= the target size)
         im.draft("L" if cfg.channels == 1 else "RGB", (size, size))
     im.load()
+    if im.mode in _16BIT:         # 16-bit grey: scale to 8 bits (Pillow's convert("L") would clip at 255)
+        a = np.asarray(im).astype(np.float32) * np.float32(255 / 65535)
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-    if has_alpha:
+    if has_alpha:                 # composite onto white (see the module docstring)
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(bg, im)
@@ -429,9 +159,10 @@ def _to_image(data: bytes, cfg, rng: random.Random) -> np.ndarray:
     return arr
 
 
-def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tuple] = None) -> dict:
+def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tuple] = None,
+                  caption_lines: bool = False) -> dict:
     """A raw sample -> {"image", "caption", "key", "label"[, "ctx", "ctx_mask", "pooled"]}.
-    Raises ``_Reject(reason)`` for a bad sample."""
+    ``caption_lines``: the .txt holds one caption per line. Raises ``_Reject(reason)`` for a bad sample."""
     image_keys = [k.strip().lower() for k in cfg.image_keys.split(";") if k.strip()]
     ext = next((k for k in image_keys if k in sample), None)
     if ext is None:
@@ -440,7 +171,7 @@ def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tupl
         raise _Reject("no_caption", f"no .{cfg.caption_key}")
     if len(sample[ext]) == 0 or len(sample[cfg.caption_key]) == 0:
         raise _Reject("empty_file", f".{ext if not sample[ext] else cfg.caption_key} is empty")
-    caps = _captions_of(sample[cfg.caption_key], cfg.caption_key)
+    caps = sample_captions(sample, cfg.caption_key, caption_lines)
     if not caps:
         raise _Reject("no_caption", "blank caption")
     k = rng.randrange(len(caps)) if len(caps) > 1 else 0
@@ -469,7 +200,6 @@ def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tupl
     if cfg.use_embeddings:
         if "emb.npy" not in sample or "mask.npy" not in sample:
             raise _Reject("no_embedding", "no emb.npy/mask.npy (run tools.precompute_text)")
-        from .shards import unpack_embedding
         try:
             emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
             mask = np.load(io.BytesIO(sample["mask.npy"]), allow_pickle=False)
@@ -524,8 +254,11 @@ def _collate(items: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan: who reads which shards, how many batches per epoch
+# The plan: who reads which samples, how many batches per epoch
 # ---------------------------------------------------------------------------------------------
+Piece = tuple[int, int, Optional[int]]   # (shard index, first sample, stop; None: to the end of the shard)
+
+
 def _balanced_groups(counts: list[int], n_groups: int) -> list[list[int]]:
     """Partition shard indices into n_groups by sample count: largest first onto the lightest."""
     order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
@@ -538,11 +271,34 @@ def _balanced_groups(counts: list[int], n_groups: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
+def _even_pieces(counts: list[int], n_groups: int) -> list[list[Piece]]:
+    """``n_groups`` groups of exactly ``sum(counts) // n_groups`` samples: the shards in the order
+    of a balanced partition, cut every T samples (so each group is whole shards plus at most two
+    pieces). The last ``sum % n_groups`` samples belong to no group."""
+    T = sum(counts) // n_groups
+    out: list[list[Piece]] = [[] for _ in range(n_groups)]
+    g, room = 0, T
+    for i in (i for grp in _balanced_groups(counts, n_groups) for i in grp):
+        a, n = 0, counts[i]
+        while a < n and g < n_groups:
+            take = min(room, n - a)
+            if take:
+                out[g].append((i, a, None if (a == 0 and take == n) else a + take))
+            a += take
+            room -= take
+            if room == 0:
+                g, room = g + 1, T
+    for pieces in out:
+        pieces.sort(key=lambda p: (p[0], p[1]))
+    return out
+
+
 class _Plan:
     """Everything a worker needs, picklable: shard lists, groups, quotas, seeds."""
 
     def __init__(self, cfg, datasets: list[list[Shard]], weights: Optional[list[float]], batch_size: int,
-                 rank: int, world_size: int, seed: int, emb_dims: Optional[tuple]):
+                 rank: int, world_size: int, seed: int, emb_dims: Optional[tuple],
+                 caption_lines: Optional[list[bool]] = None):
         self.cfg = cfg
         self.datasets = datasets
         self.weights = weights
@@ -550,49 +306,64 @@ class _Plan:
         self.W = max(1, cfg.num_workers)
         self.C = self.R * self.W
         self.emb_dims = emb_dims
+        self.caption_lines = caption_lines or [False] * len(datasets)
         self.resampled = bool(cfg.resampled)
-        self.groups: list[list[list[int]]] = []
+        self.groups: list[list[list[Piece]]] = []
         for d, shards in enumerate(datasets):
-            counts = [s.count if s.count is not None else 1 for s in shards]
             if self.resampled:
-                self.groups.append([list(range(len(shards)))] * self.C)
+                self.groups.append([[(i, 0, None) for i in range(len(shards))]] * self.C)
                 continue
             if len(shards) < self.C:
                 raise DataError(
                     f"dataset {d} has {len(shards)} shards for {self.R} ranks x {self.W} workers = "
                     f"{self.C} readers: every reader needs its own shard(s). Write more, smaller shards "
                     f"(tools.make_shards --max-count), lower data.num_workers, or set data.resampled=true")
-            self.groups.append(_balanced_groups(counts, self.C))
+            if all(s.count is not None for s in shards):
+                self.groups.append(_even_pieces([s.count for s in shards], self.C))
+            else:          # unknown counts: whole shards, balanced by number
+                self.groups.append([[(i, 0, None) for i in g]
+                                    for g in _balanced_groups([1] * len(shards), self.C)])
         known = all(s.count is not None for ds in datasets for s in ds)
         spe = cfg.samples_per_epoch
+        self.total = sum(s.count for ds in datasets for s in ds) if known else None
         self.dropped_per_epoch = 0
         if spe <= 0 and not self.resampled and len(datasets) == 1:
             if not known:
-                raise DataError("shard sample counts are unknown (no shards.json beside remote/pipe "
-                                "shards): set data.samples_per_epoch")
-            counts = [s.count for s in datasets[0]]
-            group_n = [sum(counts[i] for i in g) for g in self.groups[0]]
-            self.s = min(n // batch_size for n in group_n)
+                remote = [s.url for s in datasets[0] if s.count is None]
+                raise DataError(
+                    f"shard sample counts are unknown for {len(remote)} shards (e.g. {remote[0]}): no "
+                    f"shards.json or _stats.json beside these remote/pipe shards. Either count them once "
+                    f"where they are readable (python -m tools.make_shards count DIR_OR_PATTERN writes a "
+                    f"shards.json) and put that shards.json beside them, or set data.samples_per_epoch")
+            group_n = [self.piece_samples(0, g) for g in self.groups[0]]
+            self.s = min(group_n) // batch_size
             if self.s == 0:
-                raise DataError(f"the smallest reader group has {min(group_n)} samples, fewer than one "
-                                f"batch of {batch_size}: lower the batch size or data.num_workers")
-            self.dropped_per_epoch = sum(counts) - self.s * batch_size * self.C
+                raise DataError(f"each reader gets {min(group_n)} samples, fewer than one batch of "
+                                f"{batch_size}: lower the batch size or data.num_workers")
+            self.dropped_per_epoch = self.total - self.s * batch_size * self.C
         else:
             if spe <= 0:
                 if self.resampled or not known:
                     raise DataError("data.samples_per_epoch is required for resampled streams and for "
-                                    "shards without known counts")
-                spe = sum(s.count for ds in datasets for s in ds)
+                                    "shards without known counts (no shards.json / _stats.json)")
+                spe = self.total
             self.s = max(1, spe // (self.C * batch_size))
         self.steps_per_epoch = self.s * self.W
         ident = {"datasets": [[(os.path.basename(s.url), s.count) for s in ds] for ds in datasets],
                  "weights": weights, "resampled": self.resampled, "spe": cfg.samples_per_epoch,
-                 "shardshuffle": cfg.shardshuffle, "shuffle_buffer": cfg.shuffle_buffer}
+                 "shardshuffle": cfg.shardshuffle, "shuffle_buffer": cfg.shuffle_buffer, "split": "pieces"}
         self.fingerprint = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- assignment --------------------------------------------------------------------------
-    def group_of(self, d: int, epoch: int, c: int) -> list[int]:
-        """Shard indices of dataset d read by consumer c in epoch e (in reading order, pass 0)."""
+    def piece_expected(self, d: int, piece: Piece) -> Optional[int]:
+        i, a, b = piece
+        return (b - a) if b is not None else self.datasets[d][i].count
+
+    def piece_samples(self, d: int, pieces: Sequence[Piece]) -> int:
+        return sum(self.piece_expected(d, p) or 0 for p in pieces)
+
+    def group_of(self, d: int, epoch: int, c: int) -> list[Piece]:
+        """Pieces of dataset d read by consumer c in epoch e (before the per-pass order shuffle)."""
         g = c
         if self.cfg.shardshuffle:
             perm = list(range(self.C))
@@ -602,76 +373,210 @@ class _Plan:
 
     def group_samples(self, c: int) -> int:
         """Samples (known counts) in consumer c's largest group over datasets."""
-        return max(sum(self.datasets[d][i].count or 0 for i in self.groups[d][c % len(self.groups[d])])
-                   for d in range(len(self.datasets)))
+        return max(self.piece_samples(d, self.groups[d][c % len(self.groups[d])]) for d in range(len(self.datasets)))
 
-    def epoch_assignment(self, epoch: int, d: int = 0) -> dict[tuple[int, int], list[str]]:
-        """{(rank, worker): shard urls} of an epoch (pass 0), for inspection and tests."""
-        return {(c // self.W, c % self.W): [self.datasets[d][i].url for i in self.group_of(d, epoch, c)]
+    def epoch_pieces(self, epoch: int, d: int = 0) -> dict[tuple[int, int], list[tuple[str, int, Optional[int]]]]:
+        """{(rank, worker): [(shard url, first sample, stop or None)]} of an epoch."""
+        return {(c // self.W, c % self.W): [(self.datasets[d][i].url, a, b) for i, a, b in self.group_of(d, epoch, c)]
                 for c in range(self.C)}
 
-    # -- raw streams -----------------------------------------------------------------------------
-    def _shuffled(self, src: Iterator[dict], *tag: Any) -> Iterator[dict]:
-        from webdataset.filters import _shuffle
+    def epoch_assignment(self, epoch: int, d: int = 0) -> dict[tuple[int, int], list[str]]:
+        """{(rank, worker): shard urls (whole or in part)} of an epoch, for inspection and tests."""
+        return {k: [u for u, _, _ in v] for k, v in self.epoch_pieces(epoch, d).items()}
 
-        buf = self.cfg.shuffle_buffer
-        if buf and buf > 1:
-            return _shuffle(src, bufsize=buf, initial=min(buf, 100),
-                            rng=random.Random(":".join(map(str, (self.seed, "shuffle") + tag))))
-        return src
+    def pass_order(self, d: int, epoch: int, c: int, p: int) -> list[Piece]:
+        order = self.group_of(d, epoch, c)
+        if self.cfg.shardshuffle:
+            random.Random(f"{self.seed}:order:{d}:{epoch}:{c}:{p}").shuffle(order)
+        return order
 
-    def _shard_samples(self, shards: Sequence[Shard], p: int, events: list) -> Iterator[dict]:
-        for sh in shards:
-            for s in iter_shard_samples(sh.url, events, sh.count):
-                s["__pass__"] = p
-                yield s
 
-    def _dataset_stream(self, d: int, epoch: int, c: int, events: list) -> Iterator[dict]:
-        """Dataset d's raw samples for consumer c in epoch e, shuffled, endless. A finite group is
-        read pass after pass; each pass is shuffled on its own, so pass p+1 starts only when every
-        sample of pass p was given out (no sample twice before all were seen once)."""
-        shards = self.datasets[d]
-        if self.resampled:
-            rng = random.Random(f"{self.seed}:resample:{d}:{epoch}:{c}")
+# ---------------------------------------------------------------------------------------------
+# Raw streams with a position: pieces read one after another, a shuffle buffer of references
+# ---------------------------------------------------------------------------------------------
+def _rng_state(rng: random.Random) -> str:
+    """A ``random.Random``'s Mersenne Twister state as 3.3 kB of text (JSON- and checkpoint-safe)."""
+    version, internal, gauss = rng.getstate()
+    if gauss is not None or version != 3:       # gauss() is never used on these generators
+        raise RuntimeError("unexpected random.Random state")
+    return base64.b64encode(np.asarray(internal, dtype=np.uint32).tobytes()).decode("ascii")
 
-            def draws():
-                while True:
-                    yield shards[rng.randrange(len(shards))]
-            yield from self._shuffled(
-                (s for sh in draws() for s in self._shard_samples([sh], 0, events)), d, epoch, c)
-            return
-        base = self.group_of(d, epoch, c)
-        p = 0
+
+def _rng_from(state: Optional[str], seed: str) -> random.Random:
+    rng = random.Random(seed)
+    if state:
+        internal = np.frombuffer(base64.b64decode(state), dtype=np.uint32)
+        rng.setstate((3, tuple(int(x) for x in internal), None))
+    return rng
+
+
+class _DatasetStream:
+    """Dataset d's raw samples for consumer c in epoch e, shuffled, endless, restartable.
+
+    A finite group is read pass after pass; each pass reads the group's pieces in a seeded order
+    and is shuffled on its own (pass p+1 starts only when every sample of pass p was given out).
+    The shuffle is webdataset's ``filters._shuffle`` step by step (two reads per output while
+    filling, output from ``initial`` buffered samples on, ``rng.randint`` picks an entry that is
+    swapped with the last), written out here so that its state can be saved: the generator's
+    state and the buffer as (shard, sample index, byte offset) references. With ``resampled``
+    the pieces are whole shards drawn with replacement from a seeded generator (saved too)."""
+
+    def __init__(self, plan: _Plan, d: int, epoch: int, c: int, events: list, state: Optional[dict] = None):
+        self.plan, self.d, self.epoch, self.c, self.events = plan, d, epoch, c, events
+        self.shards = plan.datasets[d]
+        self.bufsize = plan.cfg.shuffle_buffer if plan.cfg.shuffle_buffer and plan.cfg.shuffle_buffer > 1 else 0
+        self.initial = min(self.bufsize, 100)
+        st = state or {}
+        self.p = int(st.get("p", 0))
+        self.si = int(st.get("si", 0))
+        self.n = int(st.get("n", 0))
+        self.end = bool(st.get("end", False))
+        self._new_order(st.get("rng"))
+        self.draws = _rng_from(st.get("drng"), f"{plan.seed}:resample:{d}:{epoch}:{c}") if plan.resampled else None
+        self.cur: Optional[Piece] = tuple(st["piece"]) if st.get("piece") is not None else None
+        self.reader: Optional[ShardReader] = None
+        self.it: Optional[Iterator[dict]] = None
+        if st.get("r") is not None:
+            self.reader = ShardReader.from_state(self.shards[self.cur[0]].url, st["r"], self.cur[2])
+        self.buf: list[tuple[Optional[dict], tuple]] = self._restore(st.get("buf") or [])
+
+    def _new_order(self, rng_state: Optional[str] = None) -> None:
+        tag = (self.d, self.epoch, self.c) if self.plan.resampled else (self.d, self.epoch, self.c, self.p)
+        self.rng = _rng_from(rng_state, ":".join(map(str, (self.plan.seed, "shuffle") + tag)))
+        self.order = None if self.plan.resampled else self.plan.pass_order(self.d, self.epoch, self.c, self.p)
+
+    def _restore(self, refs: list) -> list[tuple[Optional[dict], tuple]]:
+        """A saved buffer back from its references. Samples of local uncompressed tars (byte offset
+        known) are read when drawn (a seek and a few reads each): the first batch after a resume
+        costs about what it costs fresh. The others are read now, each shard in one pass."""
+        out: list[tuple[Optional[dict], tuple]] = [(None, tuple(r)) for r in refs]
+        eager: dict[int, list] = collections.defaultdict(list)
+        for n, (i, j, off) in enumerate(refs):
+            if off is None or is_remote(self.shards[i].url):
+                eager[i].append((n, j, off))
+        for i, want in eager.items():
+            got = read_samples_at(self.shards[i].url, [(j, off) for _, j, off in want])
+            for n, j, off in want:
+                out[n] = (self._tagged(got.get(j), i, j), (i, j, off))
+        return out
+
+    def _tagged(self, s: Optional[dict], i: int, j: int) -> dict:
+        if s is None:
+            raise DataError(f"resume: sample {j} of {self.shards[i].url} cannot be read again "
+                            f"(the shard changed since the checkpoint?)")
+        s["__pass__"] = self.p
+        return s
+
+    def _pull(self) -> Optional[tuple[dict, tuple]]:
+        """The next raw sample of this pass's pieces with its reference; None at the end of the pass."""
         while True:
-            order = list(base)
-            if self.cfg.shardshuffle:
-                random.Random(f"{self.seed}:order:{d}:{epoch}:{c}:{p}").shuffle(order)
-            n = 0
-            for s in self._shuffled(self._shard_samples([shards[i] for i in order], p, events), d, epoch, c, p):
-                n += 1
-                yield s
-            if n == 0:
-                raise DataError(f"no readable samples in {[shards[i].url for i in order]}")
-            p += 1
+            if self.reader is None:
+                if self.order is None:
+                    self.cur = (self.draws.randrange(len(self.shards)), 0, None)
+                elif self.si < len(self.order):
+                    self.cur = self.order[self.si]
+                else:
+                    return None
+                i, a, b = self.cur
+                self.reader = ShardReader(self.shards[i].url, a, None, b)
+            if self.it is None:
+                self.it = iter(self.reader)
+            s = next(self.it, None)
+            if s is not None:
+                self.n += 1
+                s["__pass__"] = self.p
+                return s, (self.cur[0], self.reader.j - 1, self.reader.last_offset)
+            self._finish_piece()
 
-    def epoch_stream(self, epoch: int, c: int, events: list) -> Iterator[dict]:
-        """The raw samples of consumer c in epoch e: deterministic, endless (passes repeat)."""
-        streams = [self._dataset_stream(d, epoch, c, events) for d in range(len(self.datasets))]
-        if len(streams) == 1:
-            yield from streams[0]
-            return
-        rng = random.Random(f"{self.seed}:mix:{epoch}:{c}")
-        idx = list(range(len(streams)))
+    def _finish_piece(self) -> None:
+        i, a, b = self.cur
+        r, url = self.reader, self.shards[i].url
+        expected = self.plan.piece_expected(self.d, self.cur)
+        if r.j == 0 and a == 0 and expected != 0:
+            raise DataError(f"shard {url} is unreadable: no sample could be read"
+                            + (f" ({'; '.join(r.problems[:3])})" if r.problems else ""))
+        shard_events(url, r.problems, r.j - a, expected, self.events)
+        self.reader = self.it = self.cur = None
+        self.si += 1
+
+    def _next_pass(self) -> None:
+        if self.n == 0:
+            raise DataError(f"no readable samples in {[self.shards[i].url for i, _, _ in self.order]}")
+        self.p, self.si, self.n, self.end = self.p + 1, 0, 0, False
+        self._new_order()
+
+    def _pick(self) -> dict:
+        buf = self.buf
+        k = self.rng.randint(0, len(buf) - 1)
+        s, ref = buf[k]
+        buf[k] = buf[-1]
+        buf.pop()
+        if s is None:                            # restored by reference: read it now
+            i, j, off = ref
+            s = self._tagged(read_samples_at(self.shards[i].url, [(j, off)]).get(j), i, j)
+        return s
+
+    def next(self) -> dict:
         while True:
-            d = rng.choices(idx, weights=self.weights)[0]
-            s = next(streams[d])
-            s["__dataset__"] = d
-            yield s
+            if not self.bufsize:
+                got = self._pull()
+                if got is not None:
+                    return got[0]
+                self._next_pass()
+                continue
+            if not self.end:
+                got = self._pull()
+                if got is None:
+                    self.end = True
+                else:
+                    self.buf.append(got)
+                    if len(self.buf) < self.bufsize:
+                        more = self._pull()
+                        if more is None:
+                            self.end = True
+                        else:
+                            self.buf.append(more)
+            if self.buf and (len(self.buf) >= self.initial or self.end):
+                return self._pick()
+            if self.end:
+                self._next_pass()
+
+    def state(self) -> dict:
+        return {"p": self.p, "si": self.si, "n": self.n, "end": self.end,
+                "piece": list(self.cur) if self.cur is not None else None,
+                "r": self.reader.state() if self.reader is not None else None,
+                "rng": _rng_state(self.rng) if self.bufsize else None,
+                "drng": _rng_state(self.draws) if self.draws is not None else None,
+                "buf": [list(ref) for _, ref in self.buf]}
+
+
+class _EpochStream:
+    """The raw samples of consumer c in epoch e: one dataset's stream, or a seeded mix of several."""
+
+    def __init__(self, plan: _Plan, epoch: int, c: int, events: list, state: Optional[dict] = None):
+        st = state or {}
+        saved = st.get("ds") or [None] * len(plan.datasets)
+        self.plan = plan
+        self.streams = [_DatasetStream(plan, d, epoch, c, events, saved[d]) for d in range(len(plan.datasets))]
+        self.idx = list(range(len(self.streams)))
+        self.mix = _rng_from(st.get("mix"), f"{plan.seed}:mix:{epoch}:{c}") if len(self.streams) > 1 else None
+
+    def next(self) -> dict:
+        if self.mix is None:
+            return self.streams[0].next()
+        d = self.mix.choices(self.idx, weights=self.plan.weights)[0]
+        s = self.streams[d].next()
+        s["__dataset__"] = d
+        return s
+
+    def state(self) -> dict:
+        return {"ds": [s.state() for s in self.streams],
+                "mix": _rng_state(self.mix) if self.mix is not None else None}
 
 
 def _new_pos(epoch: int) -> dict:
     return {"epoch": epoch, "raw": 0, "batches": 0, "seen": 0, "good": 0, "repeated": 0,
-            "bad": {}, "bad_run": 0}
+            "bad": {}, "bad_run": 0, "stream": None}
 
 
 def _check_bad(pos_list: list[dict], cfg, where: str) -> None:
@@ -708,56 +613,52 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         warn_every = max(1, cfg.bad_warn_every)
         while True:
             if pos["batches"] >= plan.s:                     # this worker's epoch is done
-                pos.update(epoch=pos["epoch"] + 1, raw=0, batches=0)
+                pos.update(epoch=pos["epoch"] + 1, raw=0, batches=0, stream=None)
             epoch = pos["epoch"]
             events: list = []
-            stream = plan.epoch_stream(epoch, c, events)
-            try:
-                for _ in range(pos["raw"]):                  # fast-forward: no decode
-                    next(stream)
+            stream = _EpochStream(plan, epoch, c, events, pos["stream"])   # continues where it stood
+            items: list[dict] = []
+            while pos["batches"] < plan.s:
+                sample = stream.next()
+                pos["raw"] += 1
+                for ev in events:                        # shard-level damage
+                    reason, url, detail, n = ev
+                    pos["bad"][reason] = pos["bad"].get(reason, 0) + n
+                    pos["seen"] += n
+                    log.warning("bad shard data (%s) in %s: %s", reason, url, detail)
                 del events[:]
-                items: list[dict] = []
-                while pos["batches"] < plan.s:
-                    sample = next(stream)
-                    pos["raw"] += 1
-                    for ev in events:                        # shard-level damage
-                        reason, url, detail, n = ev
-                        pos["bad"][reason] = pos["bad"].get(reason, 0) + n
-                        pos["seen"] += n
-                        log.warning("bad shard data (%s) in %s: %s", reason, url, detail)
-                    del events[:]
-                    p = sample.get("__pass__", 0)
-                    pos["seen"] += 1
-                    rng = _sample_rng(plan.seed, epoch, p, sample.get("__dataset__", 0),
-                                      os.path.basename(sample.get("__url__", "")), sample["__key__"])
-                    try:
-                        item = decode_sample(sample, cfg, rng, plan.emb_dims)
-                    except _Reject as r:
-                        pos["bad"][r.reason] = pos["bad"].get(r.reason, 0) + 1
-                        nbad = sum(pos["bad"].values())
-                        if nbad == 1 or nbad % warn_every == 0:
-                            log.warning("bad sample (%s) %s in %s: %s [%d bad of %d read by this worker]",
-                                        r.reason, sample["__key__"], sample.get("__url__"), r.detail,
-                                        nbad, pos["seen"])
-                        _check_bad([pos], cfg, f"rank {plan.rank} worker {w}")
-                        pos["bad_run"] += 1
-                        if pos["bad_run"] > max(10_000, 3 * plan.group_samples(c)):
-                            raise DataError(f"rank {plan.rank} worker {w}: the last {pos['bad_run']} "
-                                            f"samples were all bad ({dict(pos['bad'])})")
-                        continue
-                    pos["good"] += 1
-                    pos["bad_run"] = 0
-                    if p > 0:
-                        pos["repeated"] += 1
-                    items.append(item)
-                    if len(items) == B:
-                        pos["batches"] += 1
-                        batch = _collate(items)
-                        items = []
-                        batch["__pos__"] = (w, json.loads(json.dumps(pos)))
-                        yield batch
-            finally:
-                stream.close()
+                p = sample.get("__pass__", 0)
+                d = sample.get("__dataset__", 0)
+                pos["seen"] += 1
+                rng = _sample_rng(plan.seed, epoch, p, d, os.path.basename(sample.get("__url__", "")),
+                                  sample["__key__"])
+                try:
+                    item = decode_sample(sample, cfg, rng, plan.emb_dims, plan.caption_lines[d])
+                except _Reject as r:
+                    pos["bad"][r.reason] = pos["bad"].get(r.reason, 0) + 1
+                    nbad = sum(pos["bad"].values())
+                    if nbad == 1 or nbad % warn_every == 0:
+                        log.warning("bad sample (%s) %s in %s: %s [%d bad of %d read by this worker]",
+                                    r.reason, sample["__key__"], sample.get("__url__"), r.detail,
+                                    nbad, pos["seen"])
+                    _check_bad([pos], cfg, f"rank {plan.rank} worker {w}")
+                    pos["bad_run"] += 1
+                    if pos["bad_run"] > max(10_000, 3 * plan.group_samples(c)):
+                        raise DataError(f"rank {plan.rank} worker {w}: the last {pos['bad_run']} "
+                                        f"samples were all bad ({dict(pos['bad'])})")
+                    continue
+                pos["good"] += 1
+                pos["bad_run"] = 0
+                if p > 0:
+                    pos["repeated"] += 1
+                items.append(item)
+                if len(items) == B:
+                    pos["batches"] += 1
+                    pos["stream"] = stream.state()
+                    batch = _collate(items)
+                    items = []
+                    batch["__pos__"] = (w, {**pos, "bad": dict(pos["bad"])})
+                    yield batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,10 +686,10 @@ class ShardLoader:
         specs = [[u] for u in cfg.urls] if cfg.weights else [list(cfg.urls)]
         datasets, manifests = [], []
         for spec in specs:
-            shards, m = expand_spec(spec, allow_pipe=cfg.allow_pipe)
+            shards, m = expand_spec(spec, allow_pipe=cfg.allow_pipe, cache_dir=cfg.count_cache or None)
             if not shards:
                 raise DataError(f"no shards in {spec}")
-            missing = [sh.url for sh in shards if not _is_remote(sh.url) and not os.path.exists(_local_path(sh.url))]
+            missing = [sh.url for sh in shards if not is_remote(sh.url) and not os.path.exists(local_path(sh.url))]
             if missing:
                 raise DataError(f"{len(missing)} of {len(shards)} shards missing: {', '.join(missing[:5])}"
                                 + (" ..." if len(missing) > 5 else ""))
@@ -808,8 +709,10 @@ class ShardLoader:
                 raise DataError(f"data.use_embeddings: the datasets were encoded differently: {keyed}")
             self.embeddings = infos[0]
             emb_dims = (int(infos[0]["L"]), int(infos[0]["D"]))
+        caption_lines = [cfg.captions == "lines" or (cfg.captions == "auto" and manifest_caption_lines(m))
+                         for m in manifests]
         weights = [float(w) for w in cfg.weights] if cfg.weights else None
-        self.plan = _Plan(cfg, datasets, weights, batch_size, rank, world_size, seed, emb_dims)
+        self.plan = _Plan(cfg, datasets, weights, batch_size, rank, world_size, seed, emb_dims, caption_lines)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers = max(0, cfg.num_workers)
         self.steps_per_epoch = self.plan.steps_per_epoch
@@ -817,6 +720,20 @@ class ShardLoader:
         self._it: Optional[Iterator] = None
         self._loader = None
         self._reset(epoch * self.steps_per_epoch, [_new_pos(epoch) for _ in range(self.plan.W)])
+        if rank == 0:
+            log.info("%s", self.summary())
+
+    def summary(self) -> str:
+        """One line for the start of a run: samples, readers, steps per epoch, what is left out."""
+        p = self.plan
+        n = sum(len(ds) for ds in p.datasets)
+        line = (f"data: {n} shards, {p.total if p.total is not None else 'unknown'} samples; "
+                f"{p.R} ranks x {p.W} workers, {p.s} batches of {p.B} per reader, "
+                f"{self.steps_per_epoch} steps per epoch")
+        if p.total and self.dropped_per_epoch:
+            line += (f"; {self.dropped_per_epoch} samples ({100 * self.dropped_per_epoch / p.total:.2f}%) left out "
+                     f"per epoch (equal steps on every rank; < 1 batch per reader)")
+        return line
 
     # -- iteration -------------------------------------------------------------------------------
     def _reset(self, step: int, positions: list[dict]) -> None:
@@ -873,31 +790,34 @@ class ShardLoader:
                 "fingerprint": self.plan.fingerprint}
 
     def state_dict(self) -> dict:
-        """Plain ints/strings (JSON- and ``torch.load(weights_only=True)``-safe), a few hundred bytes:
-        the global step and, per logical worker, its position after the last CONSUMED batch plus its
-        counters. The positions are this rank's: save it per rank (the step is the same on all)."""
+        """Plain ints/strings (JSON- and ``torch.load(weights_only=True)``-safe): the global step
+        and, per logical worker, its position after the last CONSUMED batch (counters and where
+        its stream stands, the shuffle buffer as references: a few numbers per buffered sample).
+        The positions are this rank's: save it per rank (the step is the same on all)."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "step": self.step,
                 "step_in_epoch": self.step % self.steps_per_epoch, "rank": self.rank,
                 **self._topology(), "workers": json.loads(json.dumps(self.positions))}
 
+    def _restart_epoch(self, e: int) -> None:
+        self._reset(e * self.steps_per_epoch, [_new_pos(e) for _ in range(self.plan.W)])
+
     def load_state_dict(self, sd: dict) -> None:
         """Continue exactly where ``sd`` was taken. ``{"epoch": e}`` alone starts epoch e afresh
         (e.g. after a change of world size). A state from a different topology (batch size, world
-        size, workers, seed, shards) cannot be continued exactly: it warns and starts the epoch
-        after the saved one."""
+        size, workers, seed, shards) or an older format cannot be continued exactly: it warns and
+        starts the epoch after the saved one."""
         if "workers" not in sd or "step" not in sd:
-            e = int(sd.get("epoch", 0))
-            self._reset(e * self.steps_per_epoch, [_new_pos(e) for _ in range(self.plan.W)])
+            self._restart_epoch(int(sd.get("epoch", 0)))
             return
-        if int(sd.get("version", 0)) != STATE_VERSION:
-            raise ValueError(f"data loader state version {sd.get('version')} (this code: {STATE_VERSION})")
         mine = self._topology()
         diff = {k: (sd.get(k), v) for k, v in mine.items() if sd.get(k) != v}
+        if int(sd.get("version", 0)) != STATE_VERSION:
+            diff["version"] = (sd.get("version"), STATE_VERSION)
         if diff:
             e = int(sd["epoch"]) + 1
             log.warning("data loader state from a different setup (%s: saved vs now): cannot resume "
                         "exactly; starting epoch %d", diff, e)
-            self._reset(e * self.steps_per_epoch, [_new_pos(e) for _ in range(self.plan.W)])
+            self._restart_epoch(e)
             return
         workers = [dict(p) for p in sd["workers"]]
         if len(workers) != self.plan.W:
@@ -923,6 +843,9 @@ class ShardLoader:
     def epoch_assignment(self, epoch: int, dataset: int = 0) -> dict[tuple[int, int], list[str]]:
         return self.plan.epoch_assignment(epoch, dataset)
 
+    def epoch_pieces(self, epoch: int, dataset: int = 0) -> dict[tuple[int, int], list[tuple[str, int, Optional[int]]]]:
+        return self.plan.epoch_pieces(epoch, dataset)
+
     def null_condition(self):
         """The null (unconditional) condition recorded by precompute_text: a ``Condition`` with
         ctx (1,L,D), mask (1,L) [, pooled (1,P)] -- the one to use in null-text dropout and CFG."""
@@ -930,22 +853,18 @@ class ShardLoader:
             raise DataError("null_condition(): these shards carry no precomputed embeddings")
         from .text import Condition
 
-        base = self._manifest_dir()
+        base = url_dir(self.plan.datasets[0][0].url)
         e = self.embeddings
 
         def load(name):
             from webdataset.gopen import gopen
-            with gopen(_join(base, name)) as f:
+            with gopen(join_url(base, name)) as f:
                 return np.load(io.BytesIO(f.read()), allow_pickle=False)
 
         ctx = torch.from_numpy(load(e["null_emb"]).astype(np.float32))[None]
         mask = torch.from_numpy(load(e["null_mask"]).astype(bool))[None]
         pooled = torch.from_numpy(load(e["null_pooled"]).astype(np.float32))[None] if e.get("null_pooled") else None
         return Condition(ctx=ctx, mask=mask, pooled=pooled)
-
-    def _manifest_dir(self) -> str:
-        first = self.plan.datasets[0][0].url
-        return first.rsplit("/", 1)[0] if _is_remote(first) else os.path.dirname(os.path.abspath(_local_path(first)))
 
 
 def build_loader(cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,

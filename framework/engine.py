@@ -359,6 +359,7 @@ class Trainer:
         if data is None:
             from .data import build_loader
             self.loader = build_loader(cfg.data, e.micro_batch, rank, world, cfg.seed)
+            print0(self.loader.summary())     # shards, samples, steps, what is left out per epoch
         self.objective.setup(device, self.dtype, self.loader if self.loader is not None else data)
 
         # ---- 6. resume ---------------------------------------------------------------------------------

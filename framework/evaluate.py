@@ -49,7 +49,7 @@ CLASSIFIER_VERSION = 1     # bump when the network or its training changes (inva
 # ---------------------------------------------------------------------------------------------
 def load_fashion(split: str = "train", root: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST from Debian's dataset-fashion-mnist -> (images (N, 28, 28) uint8, labels (N,) int64)."""
-    from .shards import FASHION_ROOT
+    from .sources import FASHION_ROOT
     root = root or FASHION_ROOT
     stem = {"train": "train", "test": "t10k"}[split]
     img, lab = (os.path.join(root, f"{stem}-{k}-idx{d}-ubyte.gz") for k, d in (("images", 3), ("labels", 1)))
@@ -260,11 +260,11 @@ def class_diversity(f: torch.Tensor, labels: torch.Tensor) -> float:
 def class_prompts(per_class: int, num_classes: int = 10) -> tuple[list[str], torch.Tensor]:
     """``per_class`` prompts per class from the training captions' templates (sample j of class c uses
     template j mod #templates), class-major order. -> (prompts, labels (N,))."""
-    from .shards import _FASHION_NOUNS, FASHION_TEMPLATES, _a_an
+    from .sources import FASHION_NOUNS, FASHION_TEMPLATES, a_an
     prompts, labels = [], []
     for c in range(num_classes):
         for j in range(per_class):
-            prompts.append(_a_an(FASHION_TEMPLATES[j % len(FASHION_TEMPLATES)].format(_FASHION_NOUNS[c])))
+            prompts.append(a_an(FASHION_TEMPLATES[j % len(FASHION_TEMPLATES)].format(FASHION_NOUNS[c])))
             labels.append(c)
     return prompts, torch.tensor(labels)
 

@@ -24,7 +24,7 @@ from framework.classifier import (ClassifierGuide, NoisyClassifier, accuracy_by_
 from framework.config import ClassifierConfig, load_config
 from framework.diffusion import Schedule, q_sample
 from framework.sampling import cfg_model, ddim_sample, ddpm_sample
-from framework.shards import FASHION_CLASSES
+from framework.sources import FASHION_CLASSES
 from framework.unet import UNet
 from tests._fixtures import CLASSES, class_image, write_shards
 

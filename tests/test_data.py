@@ -89,35 +89,44 @@ def test_batch_format(ds):
 
 
 def test_two_ranks_two_workers_disjoint_and_cover(ds):
-    """2 ranks x 2 workers: each reader gets its own shards, every shard is read by exactly one
-    reader, both ranks run the same number of steps; the only loss is the explicit equal-steps drop."""
+    """2 ranks x 2 workers: each reader gets its own samples (whole shards plus at most two pieces
+    of shards), every sample is read by exactly one reader but for the explicit equal-steps drop,
+    which is less than one batch per reader; both ranks run the same number of steps."""
     B, R, W = 4, 2, 2
+    C = R * W
     loaders = [build_loader(cfg_for(ds, num_workers=W), B, r, R, seed=3) for r in range(R)]
     S = loaders[0].steps_per_epoch
     assert S == loaders[1].steps_per_epoch and S % W == 0
+    T = sum(COUNTS) // C                                  # 29 samples per reader
+    assert S // W == T // B                               # 7 batches per reader (whole shards: 6)
+    all_keys = {f"d{s:02d}x{i:03d}" for s, n in enumerate(COUNTS) for i in range(n)}
+
+    def piece_keys(url, a, b):
+        s = int(os.path.basename(url)[2:8])               # d-0000NN.tar
+        return {f"d{s:02d}x{i:03d}" for i in range(a, COUNTS[s] if b is None else b)}
+
     for epoch in range(2):
-        assign = loaders[0].epoch_assignment(epoch)
-        assert assign == loaders[1].epoch_assignment(epoch)
-        shard_sets = [frozenset(v) for v in assign.values()]
-        all_urls = [sh.url for sh in expand_spec(ds)[0]]
-        assert sorted(u for s in shard_sets for u in s) == sorted(all_urls)   # disjoint and covering
+        pieces = loaders[0].epoch_pieces(epoch)
+        assert pieces == loaders[1].epoch_pieces(epoch)
+        assert all(sum(b is not None for _, _, b in v) <= 2 for v in pieces.values())
+        groups = {rw: set().union(*(piece_keys(*p) for p in v)) for rw, v in pieces.items()}
+        assert all(len(g) == T for g in groups.values())
+        union = set().union(*groups.values())
+        assert len(union) == C * T and union <= all_keys                      # disjoint
+        assert len(all_keys - union) == sum(COUNTS) % C                       # the remainder, < C
         seen_keys: list[str] = []
         for r, L in enumerate(loaders):
             batches = take(L, S)
             for i, b in enumerate(batches):
                 w = i % W      # DataLoader round robin: step i of the epoch comes from worker i % W
-                got = {shard_of(k) for k in b["key"]}
-                want = {int(os.path.basename(u)[2:8]) for u in assign[(r, w)]}   # d-0000NN.tar
-                assert got <= want, (epoch, r, w, got, want)
+                assert set(b["key"]) <= groups[(r, w)], (epoch, r, w)
             seen_keys += keys_of(batches)
         assert len(seen_keys) == len(set(seen_keys)) == S * B * R          # nobody read a sample twice
         dropped = sum(COUNTS) - len(seen_keys)
-        assert dropped == loaders[0].dropped_per_epoch >= 0                  # the explicit drop
-        # the drop is the surplus over the smallest group: S/W batches per reader
-        groups = [sum(COUNTS[int(os.path.basename(u)[2:8])] for u in v) for v in assign.values()]
-        assert S // W == min(groups) // B
-        assert dropped == sum(g - (S // W) * B for g in groups)
+        assert dropped == loaders[0].dropped_per_epoch == sum(COUNTS) - C * (S // W) * B
+        assert dropped < C * B                                               # < one batch per reader
         assert all(L.epoch == epoch + 1 for L in loaders)
+    assert "dropped" not in loaders[0].summary() and "4 samples (3.45%) left out" in loaders[0].summary()
     for L in loaders:
         L.close()
 
@@ -388,7 +397,7 @@ def test_tar_reader_matches_tarfile_and_recovers(tmp_path):
     import gzip
     import tarfile
 
-    from framework.data import _tar_members
+    from framework.tario import tar_members as _tar_members
 
     rng = np.random.default_rng(0)
     files = [("k1.txt", b"hello"), ("d/" + "x" * 120 + ".bin", rng.bytes(700)),
@@ -431,3 +440,231 @@ def test_tar_reader_matches_tarfile_and_recovers(tmp_path):
     assert [s["__key__"] for s in got] == plain
     assert "png" not in got[1] and "png" in got[2]
     assert events and events[0][0] == "corrupt_tar" and "damaged tar header" in events[0][2]
+
+
+# ---------------------------------------------------------------------------------------------
+# img2dataset's output read as it is; counting and its cache
+# ---------------------------------------------------------------------------------------------
+def _jpg(rng, size=8) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_img2dataset(path, n_shards, per_shard, stats=True, caption=lambda key: f"a photo {key}", seed=0):
+    """A tree as img2dataset writes it: ``00000.tar`` with ``KEY.jpg``, ``KEY.txt``, ``KEY.json``
+    (keys of 9 digits), ``00000.parquet`` and ``00000_stats.json`` beside each tar."""
+    import tarfile
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    keys = []
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(path, f"{s:05d}.tar"), "w") as tf:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                keys.append(key)
+                meta = {"key": key, "status": "success", "url": f"http://x/{key}.jpg", "width": 8, "height": 8}
+                for ext, data in (("jpg", _jpg(rng)), ("txt", caption(key).encode()),
+                                  ("json", json.dumps(meta).encode())):
+                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+        with open(os.path.join(path, f"{s:05d}.parquet"), "wb") as f:
+            f.write(b"PAR1 (img2dataset's per-shard table; not read by the loader) PAR1")
+        if stats:
+            with open(os.path.join(path, f"{s:05d}_stats.json"), "w") as f:
+                json.dump({"count": per_shard + 1, "successes": per_shard, "failed_to_download": 1,
+                           "failed_to_resize": 0, "status_dict": {"success": per_shard}}, f)
+    return keys
+
+
+class TarOpens:
+    """Counts the tar files the reader opens (framework.tario opens local shards with open())."""
+
+    def __init__(self, monkeypatch):
+        import builtins
+
+        from framework import tario
+        self.paths: list[str] = []
+        real = builtins.open
+
+        def counting_open(file, *a, **k):
+            if str(file).endswith(".tar"):
+                self.paths.append(str(file))
+            return real(file, *a, **k)
+        monkeypatch.setattr(tario, "open", counting_open, raising=False)
+
+
+def test_img2dataset_tree_without_manifest_reads_no_tar_at_startup(tmp_path, monkeypatch):
+    keys = write_img2dataset(tmp_path / "i2d", 6, 5)
+    opens = TarOpens(monkeypatch)
+    for spec in (str(tmp_path / "i2d"), str(tmp_path / "i2d" / "{00000..00005}.tar")):
+        L = build_loader(cfg_for(spec, channels=3, shuffle_buffer=8), 5, 0, 1, 0)
+        assert opens.paths == []                                       # counts from _stats.json
+        assert L.steps_per_epoch == 6 and L.dropped_per_epoch == 0
+        batches = take(L, 6)
+        assert opens.paths and sorted(keys_of(batches)) == keys
+        b = batches[0]
+        assert b["image"].shape == (5, 3, 8, 8) and b["caption"][0] == f"a photo {b['key'][0]}"
+        opens.paths.clear()
+
+
+def test_tars_without_counts_are_counted_once_cached_and_a_truncated_one_starts(tmp_path, monkeypatch, caplog):
+    from framework import shardlist
+
+    n = 70                                        # >= shardlist._POOL_MIN: the thread pool counts them
+    keys = write_img2dataset(tmp_path / "d", n, 2, stats=False)
+    p = tmp_path / "d" / "00003.tar"
+    import tarfile
+    with tarfile.open(p) as tf:
+        cut = [m.offset_data for m in tf if m.name == "000030001.jpg"][0] + 100
+    p.write_bytes(p.read_bytes()[:cut])         # cut inside the second sample's image
+    with caplog.at_level(logging.WARNING, logger="framework.shardlist"):
+        L = build_loader(cfg_for(str(tmp_path / "d"), channels=3, max_bad_fraction=0.5), 4, 0, 1, 0)
+    assert "00003.tar" in caplog.text                                   # counted as far as it reads
+    cache = json.load(open(tmp_path / "d" / "shards.json"))
+    assert cache["source"]["kind"] == "counted" and len(cache["shards"]) == n
+    counts = {s["url"]: s["count"] for s in cache["shards"]}
+    assert counts["00003.tar"] == 1 and sum(counts.values()) == 2 * n - 1
+    keys_read = keys_of(take(L, L.steps_per_epoch))
+    st = L.stats()
+    assert st["bad_corrupt_tar"] >= 1                                   # the truncated tar is counted as bad
+    assert set(keys_read) <= set(keys) and "000030001" not in keys_read
+    # the second start reads no tar; a changed tar (size/mtime) is counted again, alone
+    opens = TarOpens(monkeypatch)
+    build_loader(cfg_for(str(tmp_path / "d"), channels=3), 4, 0, 1, 0)
+    assert opens.paths == []
+    q = tmp_path / "d" / "00005.tar"
+    q.write_bytes(q.read_bytes())
+    os.utime(q, ns=(1, 1))
+    build_loader(cfg_for(str(tmp_path / "d"), channels=3), 4, 0, 1, 0)
+    assert [os.path.basename(x) for x in opens.paths] == ["00005.tar"]
+    # a read-only folder: the counts go to data.count_cache; a writer's manifest is never replaced
+    write_img2dataset(tmp_path / "ro", 3, 2, stats=False)
+    monkeypatch.setattr(shardlist, "_writable", lambda folder: False)
+    opens.paths.clear()
+    cfg = cfg_for(str(tmp_path / "ro" / "{00000..00002}.tar"), channels=3, count_cache=str(tmp_path / "cache"))
+    assert build_loader(cfg, 2, 0, 1, 0).steps_per_epoch == 3 and len(opens.paths) == 3
+    assert not os.path.exists(tmp_path / "ro" / "shards.json") and len(os.listdir(tmp_path / "cache")) == 1
+    opens.paths.clear()
+    build_loader(cfg, 2, 0, 1, 0)
+    assert opens.paths == []
+
+
+def test_remote_shards_without_counts_name_the_two_fixes(ds):
+    url = "pipe:cat " + os.path.join(ds, "d-{000000..000009}.tar")
+    with pytest.raises(DataError, match=r"(?s)tools.make_shards count.*data.samples_per_epoch"):
+        build_loader(cfg_for(url, allow_pipe=True), 4, 0, 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# caption and image conventions
+# ---------------------------------------------------------------------------------------------
+def test_a_txt_is_one_caption_and_several_need_a_json_list_or_the_option(tmp_path):
+    write_img2dataset(tmp_path / "d", 2, 3, caption=lambda key: "a photo\nof a\tsneaker  \n")
+    L = build_loader(cfg_for(str(tmp_path / "d"), channels=3, shuffle_buffer=0), 3, 0, 1, 0)
+    assert next(L)["caption"] == ["a photo of a sneaker"] * 3
+    L = build_loader(cfg_for(str(tmp_path / "d"), channels=3, captions="lines"), 3, 0, 1, 0)
+    caps = {c for b in take(L, 2) for c in b["caption"]}
+    assert caps <= {"a photo", "of a sneaker"} and caps                  # the explicit option: one per line
+    # a JSON caption member: a list gives several captions, a string one
+    import tarfile
+    rng = np.random.default_rng(0)
+    with tarfile.open(tmp_path / "j.tar", "w") as tf:
+        for i in range(6):
+            cap = ["one", "two"] if i % 2 else "three"
+            for ext, data in (("jpg", _jpg(rng)), ("json", json.dumps({"captions": cap, "x": 1}).encode())):
+                ti = tarfile.TarInfo(f"k{i}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    L = build_loader(cfg_for(str(tmp_path / "j.tar"), channels=3, caption_key="json", shuffle_buffer=0,
+                             shardshuffle=False), 6, 0, 1, 0)
+    seen = [c for b in take(L, 8) for c in b["caption"]]
+    assert set(seen[0::2]) == {"three"} and set(seen[1::2]) == {"one", "two"}
+
+
+def test_16bit_images_are_scaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(0)
+    arr16 = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    im = Image.fromarray(arr16)
+    assert im.mode.startswith("I")
+    w = ShardWriter(str(tmp_path), max_count=10)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    for i in range(4):
+        w.write(f"k{i}", (buf.getvalue(), "png"), "grey")
+    w.close()
+    back = Image.open(io.BytesIO(buf.getvalue()))
+    back.load()
+    assert np.array_equal(np.asarray(back).astype(np.int64), arr16.astype(np.int64))    # a 16-bit PNG indeed
+    b = next(build_loader(cfg_for(str(tmp_path), shuffle_buffer=0), 4, 0, 1, 0))
+    got = (b["image"][0, 0].numpy() + 1) * 127.5                       # back to 0..255
+    want = arr16 / 257.0                                               # 65535 -> 255
+    assert np.abs(got - want).max() <= 0.5 + 1e-3                      # rounding only (clipping: 255 - want)
+    assert abs(got.mean() - want.mean()) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# resume in O(shuffle buffer); few shards drop less than a batch per reader
+# ---------------------------------------------------------------------------------------------
+def test_resume_at_90_percent_opens_only_the_buffered_shards(tmp_path, monkeypatch):
+    make_dataset(tmp_path, counts=[10] * 40)
+    buf = 8
+    kw = dict(shuffle_buffer=buf)
+    ref, _, _ = _run(str(tmp_path), 100, 4, 0, 1, 0, **kw)
+    S = 100                                                            # 400 samples / batch 4
+    k = int(0.9 * S)
+    head, sd, _ = _run(str(tmp_path), k, 4, 0, 1, 0, **kw)
+    refs = sd["workers"][0]["stream"]["ds"][0]["buf"]
+    assert 0 < len(refs) <= buf and all(isinstance(off, int) for _, _, off in refs)
+    opens = TarOpens(monkeypatch)
+    L = build_loader(cfg_for(str(tmp_path), **kw), 4, 0, 1, 5)
+    L.load_state_dict(json.loads(json.dumps(sd)))
+    first = next(L)
+    assert len(set(opens.paths)) <= buf + 1                            # the buffered shards + the current one
+    assert head + first["key"] + keys_of(take(L, S - k - 1)) == ref
+    L.close()
+
+
+def test_resume_mid_epoch_two_ranks_two_workers_with_pieces_and_damage(tmp_path):
+    """Shards split at sample level across 4 readers, one truncated: resuming at 10%, 50%, 90%
+    gives the uninterrupted key sequence and counters on both ranks."""
+    make_dataset(tmp_path, counts=[37, 41, 29, 33, 35], bad={"d02x005": "undecodable"})
+    p = tmp_path / "d-000003.tar"
+    p.write_bytes(p.read_bytes()[:-3000])
+    kw = dict(max_bad_fraction=0.5, shuffle_buffer=6)
+    B, R, W = 3, 2, 2
+    L = build_loader(cfg_for(str(tmp_path), num_workers=W, **kw), B, 0, R, 5)
+    S = L.steps_per_epoch
+    assert any(b is not None for v in L.epoch_pieces(0).values() for _, _, b in v)   # pieces of shards
+    L.close()
+    total = S + 3
+    for rank in range(R):
+        ref, ref_sd, ref_stats = _run(str(tmp_path), total, B, rank, R, W, **kw)
+        for k in (S // 10, S // 2, 9 * S // 10):
+            head, sd, _ = _run(str(tmp_path), k, B, rank, R, W, **kw)
+            tail, sd2, stats2 = _run(str(tmp_path), total - k, B, rank, R, W, sd=sd, **kw)
+            assert head + tail == ref, (rank, k)
+            assert sd2 == ref_sd and stats2 == ref_stats
+        assert ref_stats["bad_corrupt_tar"] + ref_stats["bad_decode"] > 0 or rank == 1
+
+
+@pytest.mark.parametrize("W", [0, 2])
+def test_few_shards_drop_less_than_a_batch_per_reader(tmp_path, W):
+    """7 shards on 2 ranks: whole-shard groups would drop most of a shard per epoch; pieces of
+    shards leave out less than one batch per reader, and every other sample is read once."""
+    counts = [30] * 7
+    make_dataset(tmp_path, counts=counts)
+    B, R = 4, 2
+    C = R * max(1, W)
+    loaders = [build_loader(cfg_for(str(tmp_path), num_workers=W), B, r, R, 0) for r in range(R)]
+    S = loaders[0].steps_per_epoch
+    dropped = loaders[0].dropped_per_epoch
+    assert dropped < C * B and dropped == sum(counts) - R * S * B
+    keys = [k for L in loaders for k in keys_of(take(L, S))]
+    assert len(keys) == len(set(keys)) == sum(counts) - dropped
+    s = loaders[0].summary()
+    assert f"{dropped} samples ({100 * dropped / sum(counts):.2f}%) left out per epoch" in s
+    for L in loaders:
+        L.close()

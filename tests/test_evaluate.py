@@ -69,7 +69,7 @@ def test_diversity_statistics():
 
 
 def test_class_prompts_use_the_training_templates():
-    from framework.shards import FASHION_TEMPLATES
+    from framework.sources import FASHION_TEMPLATES
     prompts, labels = V.class_prompts(8)
     assert len(prompts) == 80 and labels.tolist() == [c for c in range(10) for _ in range(8)]
     assert prompts[0] == "a photo of a t-shirt" and prompts[8] == "a photo of a pair of trousers"

@@ -15,8 +15,9 @@ from PIL import Image
 
 from framework.config import DataConfig, TextConfig
 from framework.data import build_loader, iter_shard_samples
-from framework.shards import (FASHION_CLASSES, MANIFEST, ShardWriter, clean_emoji_name, fashion_mnist_source,
-                              openmoji_source, read_manifest)
+from framework.shardformat import MANIFEST, read_manifest
+from framework.shards import ShardWriter
+from framework.sources import FASHION_CLASSES, clean_emoji_name, fashion_mnist_source, openmoji_source
 from tools import inspect_shards as inspect_tool
 from tools import make_shards
 
@@ -273,7 +274,7 @@ def test_precompute_text_round_trip(tmp_path, monkeypatch):
 
     encoder = TextEncoder(TextConfig(encoder=enc_dir, max_length=16), device="cpu")
     s = read_all(tmp_path / "emb")
-    from framework.shards import unpack_embedding
+    from framework.shardformat import unpack_embedding
     for key, smp in s.items():
         emb = np.load(io.BytesIO(smp["emb.npy"]))
         mask = np.load(io.BytesIO(smp["mask.npy"]))
@@ -303,3 +304,108 @@ def test_precompute_text_round_trip(tmp_path, monkeypatch):
     # shards without embeddings: a clear error
     with pytest.raises(ValueError, match="precompute_text"):
         build_loader(DataConfig(urls=[str(tmp_path / "src")], use_embeddings=True, num_workers=0), 2, 0, 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the house: the data side imports one way, and no private names across modules
+# ---------------------------------------------------------------------------------------------
+DATA_SIDE = ("shardformat", "tario", "shardlist", "data", "shards", "sources", "inspection", "precompute")
+
+
+def _framework_imports() -> dict[str, set[str]]:
+    """{module: framework modules it imports}, function-level imports included (AST)."""
+    import ast
+
+    root = os.path.join(os.path.dirname(__file__), "..", "framework")
+    out: dict[str, set[str]] = {}
+    for f in os.listdir(root):
+        if not f.endswith(".py"):
+            continue
+        mod = f[:-3]
+        tree = ast.parse(open(os.path.join(root, f)).read())
+        deps = set()
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module:
+                deps.add(n.module.split(".")[0])
+            elif isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("framework."):
+                deps.add(n.module.split(".")[1])
+        out[mod] = deps
+    return out
+
+
+def test_data_side_imports_run_one_way_and_no_private_names():
+    import ast
+
+    graph = _framework_imports()
+    # no cycle through a data-side module (depth-first search from each)
+    for start in DATA_SIDE:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            m, path = stack.pop()
+            for d in graph.get(m, ()):
+                assert d != start, f"import cycle: {' -> '.join(path + [d])}"
+                if d not in seen:
+                    seen.add(d)
+                    stack.append((d, path + [d]))
+    assert "shards" not in graph["data"] and "data" not in graph["shards"]
+    assert {"shardformat"} <= graph["data"] & graph["shards"]          # one home for the format
+    # nobody imports a _private name from a data-side module
+    here = os.path.join(os.path.dirname(__file__), "..")
+    for folder in ("framework", "tools"):
+        for f in os.listdir(os.path.join(here, folder)):
+            if not f.endswith(".py"):
+                continue
+            for n in ast.walk(ast.parse(open(os.path.join(here, folder, f)).read())):
+                if isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[-1] in DATA_SIDE:
+                    private = [a.name for a in n.names if a.name.startswith("_")]
+                    assert not private, f"{folder}/{f} imports {private} from {n.module}"
+
+
+def test_shard_reader_restarts_at_a_sample_and_counts_as_it_reads(tmp_path):
+    """A reader restarted at (sample index, byte offset) continues exactly as one that read on;
+    count_tar (headers only) agrees with the samples read, also for a truncated tar."""
+    from framework.tario import ShardReader, count_tar, read_samples_at
+
+    rng = np.random.default_rng(0)
+    w = ShardWriter(str(tmp_path), max_count=100)
+    for i in range(9):
+        w.write(f"k{i}", Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)), f"c {i}", {"i": i})
+    w.close()
+    path = str(tmp_path / "data-000000.tar")
+    full = list(iter_shard_samples(path))
+    r = ShardReader(path)
+    it = iter(r)
+    head = [next(it) for _ in range(4)]
+    st = r.state()
+    assert st[0] == 4 and isinstance(st[1], int) and not st[3]
+    rest = list(ShardReader.from_state(path, st, None))
+    assert [s["__key__"] for s in head + rest] == [s["__key__"] for s in full]
+    assert rest[0]["png"] == full[4]["png"]
+    # a range [3, 6) without offsets skips members by their headers
+    assert [s["__key__"] for s in ShardReader(path, 3, None, 6)] == ["k3", "k4", "k5"]
+    # by reference (what a restored shuffle buffer does)
+    got = read_samples_at(path, [(7, None), (2, None)])
+    assert sorted(got) == [2, 7] and got[7]["txt"] == b"c 7"
+    assert count_tar(path) == (9, None)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    n, problem = count_tar(path)
+    assert n == len(list(iter_shard_samples(path))) and 0 < n < 9 and "truncated" in problem
+
+
+def test_make_shards_count_writes_a_counts_manifest(tmp_path):
+    import tarfile
+
+    os.makedirs(tmp_path / "t")
+    for s in range(3):
+        with tarfile.open(tmp_path / "t" / f"{s:05d}.tar", "w") as tf:
+            for i in range(s + 1):
+                for ext in ("png", "txt"):
+                    ti = tarfile.TarInfo(f"k{s}{i}.{ext}")
+                    ti.size = 1
+                    tf.addfile(ti, io.BytesIO(b"x"))
+    res = make_shards.run(["count", str(tmp_path / "t")])
+    assert res == {"shards": 3, "total": 6, "unreadable": []}
+    m = read_manifest(str(tmp_path / "t"))
+    assert m["source"]["kind"] == "counted" and [s["count"] for s in m["shards"]] == [1, 2, 3]
+    assert m["caption_lines"] is False

@@ -1,8 +1,11 @@
 """Data pipeline throughput: decode+augment+batch from local shards vs the bare PIL decode rate of
-the same images. Prints JSON lines.
+the same images; and the data path at scale: startup over many shards, resume, drop. Prints JSON lines.
 
     python -m tools.bench_data                       # both datasets, workers 0 and 2
     python -m tools.bench_data --which jpeg --workers 0 1 2 --seconds 10
+    python -m tools.bench_data --which startup       # build the loader over 10,000 tars without manifest
+    python -m tools.bench_data --which resume        # first batch after resuming at 10/50/90% of an epoch
+    python -m tools.bench_data --which dropped       # 7 shards of 1,000 on 2 ranks: samples left out
 
 Datasets (written to a temp dir): Fashion-MNIST 28x28 PNG read at 32x32 (grayscale), and 512
 synthetic 256x256 photo-like JPEGs (q90) read at 256 (RGB, random crop+flip) and at 64 (where
@@ -27,7 +30,7 @@ from PIL import Image
 
 
 def _fmnist_images(n: int) -> list[Image.Image]:
-    from framework.shards import fashion_mnist_source
+    from framework.sources import fashion_mnist_source
     try:
         src = fashion_mnist_source("train")
         return [src.load(i)["image"] for i in range(min(n, len(src)))]
@@ -124,10 +127,123 @@ def pipeline_rate(path: str, image_size: int, channels: int, workers: int, batch
             "samples_per_cpu_s": round(n / max(used, 1e-9), 1), "samples": n}
 
 
+# ---------------------------------------------------------------------------------------------
+# Startup, resume and drop (the data path at scale)
+# ---------------------------------------------------------------------------------------------
+def _tiny_png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4), i % 256, np.uint8), "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_img2dataset_tree(out: str, n_shards: int, per_shard: int, stats: bool) -> str:
+    """``n_shards`` tars named as img2dataset names them (``00000.tar``; members ``KEY.png``,
+    ``KEY.txt``, ``KEY.json``), tiny samples, no ``shards.json``; with ``stats`` a
+    ``{shard}_stats.json`` beside each. Returns the brace pattern."""
+    import tarfile
+
+    os.makedirs(out, exist_ok=True)
+    png = _tiny_png(7)
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(out, f"{s:05d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tf:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                for ext, data in (("png", png), ("txt", b"a grey square"),
+                                  ("json", json.dumps({"key": key, "status": "success"}).encode())):
+                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+        if stats:
+            with open(os.path.join(out, f"{s:05d}_stats.json"), "w") as f:
+                json.dump({"count": per_shard, "successes": per_shard, "failed_to_download": 0}, f)
+    return os.path.join(out, "{%05d..%05d}.tar" % (0, n_shards - 1))
+
+
+def startup_times(tmp: str, n_shards: int, per_shard: int = 2, workers: int = 2) -> list[dict]:
+    """Seconds to build the loader (shard list and counts, no sample read) over ``n_shards`` local
+    tars without a manifest: the first start, a second start, and with ``_stats.json`` files."""
+    from framework.config import DataConfig
+    from framework.data import build_loader
+
+    out = []
+    for stats in (False, True):
+        pattern = write_img2dataset_tree(os.path.join(tmp, f"i2d-{int(stats)}"), n_shards, per_shard, stats)
+        for attempt in ("first", "second"):
+            cfg = DataConfig(urls=[pattern], image_size=4, channels=1, num_workers=workers)
+            t0 = time.perf_counter()
+            L = build_loader(cfg, 2, 0, 1, 0)
+            dt = time.perf_counter() - t0
+            out.append({"what": "startup", "shards": n_shards, "stats_json": stats, "start": attempt,
+                        "seconds": round(dt, 3), "steps_per_epoch": L.steps_per_epoch})
+            L.close()
+    return out
+
+
+def resume_times(path: str, batch: int = 64, fractions=(0.1, 0.5, 0.9), workers: int = 0,
+                 shuffle_buffer: int = 2000, image_size: int = 28) -> list[dict]:
+    """Seconds to the first batch of a fresh loader and of loaders resumed at ``fractions`` of an
+    epoch (1 rank; the demo's data settings)."""
+    from framework.config import DataConfig
+    from framework.data import build_loader
+
+    cfg = DataConfig(urls=[path], image_size=image_size, channels=1, num_workers=workers,
+                     shuffle_buffer=shuffle_buffer)
+
+    def first_batch(sd=None, repeat: int = 3) -> float:
+        times = []
+        for _ in range(repeat):             # the median of 3: the machine may be shared
+            L = build_loader(cfg, batch, 0, 1, 0)
+            t0 = time.perf_counter()
+            if sd is not None:
+                L.load_state_dict(sd)
+            next(L)
+            times.append(time.perf_counter() - t0)
+            L.close()
+        return sorted(times)[len(times) // 2]
+
+    L = build_loader(cfg, batch, 0, 1, 0)
+    S = L.steps_per_epoch
+    at = sorted({max(1, int(f * S)) for f in fractions})
+    states = {}
+    for k in range(1, at[-1] + 1):
+        next(L)
+        if k in at:
+            states[k] = json.loads(json.dumps(L.state_dict()))
+    L.close()
+    out = [{"what": "resume_first_batch", "step": 0, "steps_per_epoch": S, "seconds": round(first_batch(), 3),
+            "state_bytes": 0}]
+    for k in at:
+        out.append({"what": "resume_first_batch", "step": k, "steps_per_epoch": S,
+                    "seconds": round(first_batch(states[k]), 3), "state_bytes": len(json.dumps(states[k]))})
+    return out
+
+
+def dropped(tmp: str, n_shards: int = 7, per_shard: int = 1000, ranks: int = 2, batch: int = 32,
+            workers: int = 0) -> dict:
+    """Samples the equal-steps rule leaves out per epoch: ``n_shards`` of ``per_shard`` on ``ranks``."""
+    from framework.config import DataConfig
+    from framework.data import build_loader
+
+    pattern = write_img2dataset_tree(os.path.join(tmp, f"drop-{n_shards}x{per_shard}"), n_shards, per_shard, True)
+    cfg = DataConfig(urls=[pattern], image_size=4, channels=1, num_workers=workers)
+    L = build_loader(cfg, batch, 0, ranks, 0)
+    n = n_shards * per_shard
+    rec = {"what": "dropped_per_epoch", "shards": n_shards, "per_shard": per_shard, "ranks": ranks,
+           "workers": workers, "batch": batch, "dropped": L.dropped_per_epoch,
+           "dropped_pct": round(100 * L.dropped_per_epoch / n, 2), "steps_per_epoch": L.steps_per_epoch}
+    L.close()
+    return rec
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m tools.bench_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--which", choices=["all", "fmnist", "jpeg"], default="all")
+    p.add_argument("--which", choices=["all", "fmnist", "jpeg", "startup", "resume", "dropped"], default="all",
+                   help="all = the decode throughput sections (fmnist, jpeg); startup, resume, dropped: "
+                        "the data path at scale")
+    p.add_argument("--startup-shards", type=int, default=10_000)
+    p.add_argument("--resume-shards", type=int, nargs="+", default=[60, 1000],
+                   help="resume section: Fashion-MNIST train (60,000) written as this many shards")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
@@ -145,6 +261,24 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         print(json.dumps(rec), flush=True)
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        if args.which == "startup":
+            for rec in startup_times(tmp, args.startup_shards):
+                emit(rec)
+            return results
+        if args.which == "dropped":
+            emit(dropped(tmp))
+            return results
+        if args.which == "resume":
+            from framework.shards import write_shards
+            from framework.sources import fashion_mnist_source
+
+            src = fashion_mnist_source("train")
+            for n in args.resume_shards:
+                out = os.path.join(tmp, f"fmnist-{n}")
+                write_shards(src, out, prefix="fmnist", max_count=-(-len(src) // n), image_format="png")
+                for rec in resume_times(out, batch=args.batch):
+                    emit({**rec, "shards": n})
+            return results
         t0 = time.perf_counter()
         paths = write_datasets(tmp, args.n_fmnist if args.which != "jpeg" else 8,
                                args.n_jpeg if args.which != "fmnist" else 8)

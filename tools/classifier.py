@@ -91,7 +91,8 @@ def guided_main(args) -> dict:
     from framework.classifier import ClassifierGuide, classifier_guidance_sweep
     from framework.export import Pipeline, export
     from framework.images import save_grid
-    from framework.shards import fashion_mnist_source, write_shards
+    from framework.shards import write_shards
+    from framework.sources import fashion_mnist_source
 
     t_start = time.perf_counter()
     out = os.path.abspath(args.out)

@@ -58,15 +58,17 @@ def _phase(name: str) -> None:
 
 def build_shards(out: str) -> dict:
     """Fashion-MNIST train split -> shards (60 x 1000 PNG samples); reused when complete."""
-    from framework import shards as S
+    from framework.shardformat import read_manifest
+    from framework.shards import write_shards
+    from framework.sources import fashion_mnist_source
     manifest = os.path.join(out, "shards.json")
     if os.path.isfile(manifest):
-        m = S.read_manifest(manifest)
+        m = read_manifest(manifest)
         if m.get("total") == 60000 and all(os.path.isfile(os.path.join(out, s["url"])) for s in m["shards"]):
             print(f"reusing {out} ({m['total']} samples in {len(m['shards'])} shards)")
             return m
-    src = S.fashion_mnist_source("train")
-    m = S.write_shards(src, out, prefix="fmnist", max_count=1000, image_format="png")
+    src = fashion_mnist_source("train")
+    m = write_shards(src, out, prefix="fmnist", max_count=1000, image_format="png")
     print(f"wrote {m['total']} samples in {len(m['shards'])} shards to {out}")
     return m
 
@@ -155,15 +157,15 @@ def run(argv: Optional[list[str]] = None) -> dict:
         print(f"exported {ex['tag']} (EMA, {ex['params']:,} parameters) -> {export_dir}")
 
     # ---- 4. sample: a grid of all 10 classes ------------------------------------------------------
-    from framework.shards import _FASHION_NOUNS, FASHION_CLASSES, _a_an
+    from framework.sources import FASHION_CLASSES, FASHION_NOUNS, a_an
     from tools import evaluate as tool_evaluate
     from tools import sample as tool_sample
     sample_dir = os.path.join(args.run_dir, "samples")
     with timed("sample"):
         argv_s = [export_dir, "--out", sample_dir, "--steps", str(args.eval_steps), "--num-per-prompt", "4",
                   "--guidance", *[f"{g:g}" for g in args.grid_scales], "--labels", *FASHION_CLASSES]
-        for noun in _FASHION_NOUNS:
-            argv_s += ["--prompt", _a_an(f"a photo of a {noun}")]
+        for noun in FASHION_NOUNS:
+            argv_s += ["--prompt", a_an(f"a photo of a {noun}")]
         samples = tool_sample.run(argv_s)
 
     # ---- 5. evaluate ------------------------------------------------------------------------------

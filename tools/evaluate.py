@@ -83,7 +83,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     from framework import evaluate as V
     from framework.export import Pipeline
     from framework.images import save_grid
-    from framework.shards import FASHION_CLASSES
+    from framework.sources import FASHION_CLASSES
 
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)

@@ -5,9 +5,14 @@
     python -m tools.make_shards openmoji --out data/openmoji --size 64
     python -m tools.make_shards folder --root photos/ --out data/photos --format jpg --resize 256
     python -m tools.make_shards table --table captions.csv --out data/web --image-col url
+    python -m tools.make_shards count data/laion/        # count existing tars once -> shards.json
+
 
 Common options: --prefix, --max-count (samples per shard), --max-bytes (e.g. 256M), --format
-(auto|png|jpg), --limit, --no-shuffle, --seed, --resize. The logic is framework/shards.py.
+(auto|png|jpg), --limit, --no-shuffle, --seed, --resize. The logic is framework/shards.py (the
+writer) and framework/sources.py. ``count`` writes a counts-only shards.json beside tars written by
+another tool (e.g. img2dataset without its _stats.json), so that remote copies of them, or
+read-only mounts, start without reading every tar.
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ import re
 import sys
 from typing import Optional
 
-from framework import shards as S
+from framework import sources as S
+from framework.shards import write_shards
+from framework.shardlist import count_local_tars, expand_spec
 from tools._cli import entry_point
 
 
@@ -69,11 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--size", type=int, default=64, help="image size (default 64)")
     o.add_argument("--font-size", type=int, default=48)
     common(o, "openmoji", "png")
+    c = sub.add_parser("count", help="count the samples of existing local tars once and write shards.json")
+    c.add_argument("spec", nargs="+", help="a folder of tars, paths or brace patterns")
+    c.add_argument("--cache-dir", default=None, help="where to write the counts when the folder is read-only")
     return p
+
+
+def count(spec: list[str], cache_dir: Optional[str] = None) -> dict:
+    """Count local tars (headers only, in parallel) into the counts cache (``shards.json`` beside
+    them when writable). Returns {"shards", "total", "unreadable"}."""
+    shards, _ = expand_spec(spec, count_local=False)
+    local = [sh.url for sh in shards]
+    counts = count_local_tars(local, cache_dir)
+    return {"shards": len(local), "total": sum(c or 0 for c in counts),
+            "unreadable": [u for u, c in zip(local, counts) if c is None]}
 
 
 def run(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.source == "count":
+        res = count(args.spec, args.cache_dir)
+        print(json.dumps(res))
+        return res
     if args.source == "folder":
         src = S.folder_source(args.root, require_caption=not args.allow_missing_caption)
     elif args.source == "table":
@@ -87,10 +111,10 @@ def run(argv: Optional[list[str]] = None) -> dict:
         if not args.quiet:
             print(f"  {done}/{total}", file=sys.stderr, flush=True)
 
-    m = S.write_shards(src, args.out, prefix=args.prefix, max_count=args.max_count,
-                       max_bytes=args.max_bytes, image_format=args.format, limit=args.limit,
-                       shuffle=not args.no_shuffle, seed=args.seed, resize=args.resize,
-                       jpeg_quality=args.jpeg_quality, progress=progress)
+    m = write_shards(src, args.out, prefix=args.prefix, max_count=args.max_count,
+                     max_bytes=args.max_bytes, image_format=args.format, limit=args.limit,
+                     shuffle=not args.no_shuffle, seed=args.seed, resize=args.resize,
+                     jpeg_quality=args.jpeg_quality, progress=progress)
     if not args.quiet:
         print(json.dumps({"out": args.out, "url": m["url"], "shards": len(m["shards"]), "total": m["total"],
                           "image_size": m["image_size"], "channels": m["channels"],
