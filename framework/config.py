@@ -24,7 +24,7 @@ import yaml
 from .files import atomic_write_text
 
 __all__ = [
-    "Config", "DataConfig", "TextConfig", "UNetConfig", "DiffusionConfig", "OptimConfig",
+    "Config", "BucketConfig", "DataConfig", "TextConfig", "UNetConfig", "DiffusionConfig", "OptimConfig",
     "EngineConfig", "CheckpointConfig", "SampleConfig", "LogConfig", "ClassifierConfig",
     "ConfigError", "load_config", "from_dict", "to_dict", "apply_overrides", "save_config",
     "parse_cli",
@@ -39,11 +39,24 @@ class ConfigError(ValueError):
 # The tree
 # ---------------------------------------------------------------------------------------------
 @dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (framework/buckets.py); sizes in PIXELS (a latent model's buckets are
+    these divided by the VAE's factor). Off: every image is resized and cropped to image_size."""
+    enabled: bool = False
+    sizes: list[list[int]] = field(default_factory=list)  # explicit [[h, w], ...]; empty: the rule below
+    max_area: int = 0               # rule: h * w <= max_area (0: image_size ** 2)
+    step: int = 64                  # rule: sides are multiples of this (of UNet x VAE factor)
+    min_aspect: float = 0.5         # rule: width / height range (within [0.5, 2] the crop is < one step)
+    max_aspect: float = 2.0
+
+
+@dataclass
 class DataConfig:
     urls: list[str] = field(default_factory=list)   # shard specs: paths, brace URLs, http(s)://, pipe:
     weights: list[float] = field(default_factory=list)  # one mixing weight per entry of urls (empty: concatenate)
     allow_pipe: bool = False        # a pipe: URL runs a shell command: opt in explicitly
     image_size: int = 32
+    buckets: BucketConfig = field(default_factory=BucketConfig)   # aspect-ratio buckets (off by default)
     channels: int = 3               # 1 = grayscale, 3 = RGB
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False       # off for text-conditioned data by default (text can say "left")
@@ -96,6 +109,7 @@ class UNetConfig:
     dropout: float = 0.0
     linear_projection: bool = True
     scale_shift: bool = False       # ResBlock time embedding: False additive (SD), True h*(1+s)+b
+    micro_conditioning: bool = False  # SDXL size/crop conditioning: forward takes size_cond (B, 6)
 
 
 @dataclass

@@ -353,7 +353,9 @@ class Trainer:
         self.ema = EMA(self.engine.module, zero3=e.zero_stage == 3)
 
         # ---- 5. data, noise --------------------------------------------------------------------------
-        self.noise = NoiseStream(cfg.seed, rank, world, device)
+        # with aspect-ratio buckets ranks may hold different shapes in one step: eps per (draw, rank)
+        self.noise = NoiseStream(cfg.seed, rank, world, device,
+                                 mode="buckets" if cfg.data.buckets.enabled else "global")
         self._nonfinite_pending = torch.zeros((), dtype=torch.float64, device=device)
         self.loader = None
         if data is None:

@@ -1,7 +1,7 @@
 """Tensors in [-1, 1] to PNG images and labelled grids. No model, no deepspeed."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,14 +23,27 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 
-def make_grid(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 2,
+def _pil_list(images: Union[torch.Tensor, Sequence[torch.Tensor]]) -> list[Image.Image]:
+    if isinstance(images, torch.Tensor):
+        return to_pil(images)
+    return [p for x in images for p in to_pil(x if x.ndim == 4 else x[None])]
+
+
+def make_grid(images: Union[torch.Tensor, Sequence[torch.Tensor]], nrow: int, scale: int = 1, pad: int = 2,
               row_labels: Optional[Sequence[str]] = None, col_labels: Optional[Sequence[str]] = None,
               label_width: int = 0) -> Image.Image:
-    """A grid of ``nrow`` images per row; optional text labels left of rows and above columns."""
-    pil = [im.convert("RGB") for im in to_pil(images)]
+    """A grid of ``nrow`` images per row; optional text labels left of rows and above columns.
+
+    ``images``: a (B, C, H, W) tensor, or a sequence of (C, H, W) / (b, C, H, W) tensors of any
+    shapes (aspect-ratio buckets): every cell is then as tall as the tallest image and as wide as
+    the widest, and each image sits centred in its cell, unscaled, on the white background (so
+    shapes compare at their true pixel sizes)."""
+    pil = [im.convert("RGB") for im in _pil_list(images)]
+    if not pil:
+        raise ValueError("make_grid: no images")
     if scale != 1:
         pil = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in pil]
-    w, h = pil[0].size
+    w, h = max(im.width for im in pil), max(im.height for im in pil)
     ncol = nrow
     nrows = (len(pil) + ncol - 1) // ncol
     font = ImageFont.load_default()
@@ -40,7 +53,8 @@ def make_grid(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 2,
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(pil):
         r, c = divmod(i, ncol)
-        grid.paste(im, (lw + pad + c * (w + pad), th + pad + r * (h + pad)))
+        grid.paste(im, (lw + pad + c * (w + pad) + (w - im.width) // 2,
+                        th + pad + r * (h + pad) + (h - im.height) // 2))
     for r, text in enumerate(row_labels or []):
         draw.text((2, th + pad + r * (h + pad) + h // 2 - 5), str(text), fill="black", font=font)
     for c, text in enumerate(col_labels or []):
@@ -48,7 +62,7 @@ def make_grid(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 2,
     return grid
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: int, **kwargs) -> str:
+def save_grid(images: Union[torch.Tensor, Sequence[torch.Tensor]], path: str, nrow: int, **kwargs) -> str:
     grid = make_grid(images, nrow, **kwargs)
     with atomic_file(path, suffix=".png") as tmp:
         grid.save(tmp)

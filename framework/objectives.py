@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import diffusion as D
+from .buckets import buckets_from_config, size_cond
 from .config import Config, ConfigError
 from .text import Condition, cast_floats
 
@@ -71,10 +72,22 @@ class DiffusionObjective(_NoisedImages):
 
     name = "diffusion"
 
+    pixel_factor = 1        # pixels per cell of x0 (a latent model: the VAE's factor)
+
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.encoder = None
         self.null = None
+        self.buckets: list = []
+
+    def check_buckets(self) -> list:
+        """data.buckets resolved and checked against the UNet's factor (x pixel_factor): -> [(h, w)] px."""
+        from .unet import size_multiple
+        try:
+            return buckets_from_config(self.cfg.data.buckets, self.cfg.data.image_size,
+                                       size_multiple(self.cfg.unet) * self.pixel_factor)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def build_model(self) -> torch.nn.Module:
         from .unet import UNet
@@ -83,6 +96,7 @@ class DiffusionObjective(_NoisedImages):
     def setup(self, device, dtype, batch_source) -> None:
         super().setup(device, dtype, batch_source)
         cfg = self.cfg
+        self.buckets = self.check_buckets()
         if not cfg.data.use_embeddings:
             from .text import TextEncoder
             self.encoder = TextEncoder(cfg.text, device=self.device)
@@ -108,9 +122,27 @@ class DiffusionObjective(_NoisedImages):
         cond = cond.where(u < self.cfg.text.p_uncond, self.null)
         return cast_floats(cond.as_kwargs(), self.dtype)
 
+    def size_cond(self, batch: dict, x0: torch.Tensor) -> Optional[torch.Tensor]:
+        """SDXL micro-conditioning (B, 6) int64 when unet.micro_conditioning is on, else None:
+        ``batch["size_cond"]`` (the loader's [orig_h, orig_w, crop_top, crop_left, target_h, target_w]),
+        or, without it, the batch's own shape uncropped (original = target = (H, W) x pixel_factor).
+        Never dropped: null-text dropout replaces the text only (as SDXL), so the unconditional
+        branch of guidance gets the same size_cond as the conditional one."""
+        if not self.cfg.unet.micro_conditioning:
+            return None
+        sc = batch.get("size_cond")
+        if sc is None:
+            h, w = (int(s) * self.pixel_factor for s in x0.shape[-2:])
+            sc = torch.tensor([size_cond((h, w), (0, 0), (h, w))]).expand(x0.shape[0], 6)
+        return torch.as_tensor(sc).to(self.device, torch.long)
+
     def loss(self, forward: Callable, batch: dict, noise) -> torch.Tensor:
         x0, t, eps, u, x_t = self.noised(batch, noise)
-        out = forward(x_t, t, **self.condition(batch, u)).float()
+        kw = self.condition(batch, u)
+        sc = self.size_cond(batch, x0)
+        if sc is not None:
+            kw["size_cond"] = sc
+        out = forward(x_t, t, **kw).float()
         # L_simple per sample (or the configured prediction / weighting)
         return D.training_loss(self.sched, out, x0, t, eps, prediction=self.cfg.diffusion.prediction,
                                min_snr_gamma=self.cfg.diffusion.min_snr_gamma, trusted=True)
@@ -131,10 +163,14 @@ class DiffusionObjective(_NoisedImages):
         g = torch.Generator(device=self.device).manual_seed(s.seed)
         x_T = torch.randn((len(prompts), cfg.unet.in_channels, cfg.data.image_size, cfg.data.image_size),
                           generator=g, device=self.device)
+        ckw, ukw = cond.as_kwargs(), uncond.as_kwargs()
+        sc = self.size_cond({}, x_T)
+        if sc is not None:          # the same size condition in both branches
+            ckw["size_cond"] = ukw["size_cond"] = sc
         was_training = module.training
         module.eval()
         with ema.swapped_in():
-            x0 = guided_sample(network_fn(module, self.dtype), cond.as_kwargs(), uncond.as_kwargs(), x_T,
+            x0 = guided_sample(network_fn(module, self.dtype), ckw, ukw, x_T,
                                self.sched, guidance_scale=s.guidance_scale, rescale=s.rescale, sampler="ddim",
                                steps=s.steps, eta=s.eta, generator=g, prediction=cfg.diffusion.prediction)
         module.train(was_training)

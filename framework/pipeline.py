@@ -17,7 +17,8 @@ from .diffusion import Schedule, as_eps_model
 from .images import to_pil, to_uint8
 from .sampling import cfg_model, ddim_sample, ddpm_sample
 from .text import Condition, TextEncoder, cast_floats
-from .unet import CUDA_GRAPH_MODES, UNet, compile_for_inference
+from .buckets import size_cond
+from .unet import CUDA_GRAPH_MODES, UNet, check_size, compile_for_inference
 from .weights import DTYPES, FORMAT, WEIGHTS_NAME, load_state_dict_dir
 
 __all__ = ["Pipeline", "network_fn", "guided_sample", "ModelFn"]
@@ -144,6 +145,37 @@ class Pipeline:
         sched = Schedule.from_config(from_dict(config["diffusion"], DiffusionConfig))
         return cls(unet, encoder, null, sched, config, device, dtype, channels_last, compile, compile_backend)
 
+    # -- shapes ---------------------------------------------------------------------------------------
+    @property
+    def latent_factor(self) -> int:
+        """Output pixels per cell of the sampled tensor: 1 in pixel space, the VAE's factor for a
+        latent model (``self.vae``, where the export has one)."""
+        vae = getattr(self, "vae", None)
+        return int(getattr(vae, "factor", 1)) if vae is not None else 1
+
+    @property
+    def size_multiple(self) -> int:
+        """height and width must be multiples of this: the UNet's 2 ** (levels - 1) x latent_factor."""
+        return self.unet.size_multiple * self.latent_factor
+
+    def check_size(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int]:
+        """-> (height, width) in output pixels (default: the training image_size, square); ValueError
+        naming the factor unless both are multiples of ``size_multiple``."""
+        height = self.image_size * self.latent_factor if height is None else int(height)
+        width = self.image_size * self.latent_factor if width is None else int(width)
+        what = f"the UNet's downsampling factor {self.unet.size_multiple}" + (
+            f" x the VAE's {self.latent_factor}" if self.latent_factor > 1 else "")
+        check_size(height, width, self.size_multiple, what)
+        return height, width
+
+    def size_cond(self, batch: int, height: int, width: int) -> Optional[torch.Tensor]:
+        """The micro-conditioning of a sample made at height x width: original = target = (h, w),
+        crop (0, 0) (SDXL's default for "a whole, uncropped image"); None without micro-conditioning."""
+        if not getattr(self.unet.cfg, "micro_conditioning", False):
+            return None
+        return torch.tensor([size_cond((height, width), (0, 0), (height, width))],
+                            device=self.device).expand(batch, 6)
+
     # -- pieces ---------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]):
         """prompts -> Condition on the pipeline's device (fp32)."""
@@ -168,10 +200,14 @@ class Pipeline:
         """The classifier-free guided eps model fn(x, t) for Conditions ``cond`` / ``uncond``."""
         return cfg_model(self.network(), cond.as_kwargs(), uncond.as_kwargs(), guidance_scale, rescale=rescale)
 
-    def noise(self, batch: int, seed: int = 0) -> torch.Tensor:
-        """x_T ~ N(0, I) (batch, C, H, W) from a CPU generator seeded with ``seed``."""
+    def noise(self, batch: int, seed: int = 0, height: Optional[int] = None,
+              width: Optional[int] = None) -> torch.Tensor:
+        """x_T ~ N(0, I) (batch, C, h, w) from a CPU generator seeded with ``seed``; (h, w) =
+        (height, width) / latent_factor (default: the training size)."""
+        height, width = self.check_size(height, width)
+        f = self.latent_factor
         g = torch.Generator("cpu").manual_seed(int(seed))
-        return torch.randn((batch, self.channels, self.image_size, self.image_size), generator=g)
+        return torch.randn((batch, self.channels, height // f, width // f), generator=g)
 
     # -- sampling -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -181,8 +217,13 @@ class Pipeline:
                  rescale: Optional[float] = None, eta: Optional[float] = None,
                  x_T: Optional[torch.Tensor] = None, output_type: str = "pil", progress: bool = False,
                  model_wrapper: Optional[Callable[[ModelFn, list[str]], ModelFn]] = None,
-                 clip_x0: Union[float, None, str] = "auto"):
+                 clip_x0: Union[float, None, str] = "auto", height: Optional[int] = None,
+                 width: Optional[int] = None):
         """Sample one image per prompt (all in one batch).
+
+        height, width: the output size in pixels (default: the training image_size, square); any
+        multiples of ``size_multiple`` (the UNet's 2 ** (levels - 1), x the VAE's factor for a latent
+        model), e.g. an aspect-ratio bucket. ``x_T`` given: its shape decides (height / width unused).
 
         guidance_scale gamma (default: config.yaml's sample.guidance_scale): eps_hat =
         gamma eps(x, y) + (1 - gamma) eps(x, null); 0 = unconditional, 1 = conditional.
@@ -215,9 +256,18 @@ class Pipeline:
             clip_x0 = self.clip_x0
         g = torch.Generator("cpu").manual_seed(int(seed))
         if x_T is None:
-            x_T = torch.randn((B, self.channels, self.image_size, self.image_size), generator=g)
+            height, width = self.check_size(height, width)
+            f = self.latent_factor
+            x_T = torch.randn((B, self.channels, height // f, width // f), generator=g)
+        else:
+            height, width = x_T.shape[-2] * self.latent_factor, x_T.shape[-1] * self.latent_factor
+            self.check_size(height, width)
         x_T = x_T.to(self.device, torch.float32)
-        x0 = guided_sample(self.network(), cond.as_kwargs(), uncond.as_kwargs(), x_T, self.sched,
+        ckw, ukw = cond.as_kwargs(), uncond.as_kwargs()
+        sc = self.size_cond(B, height, width)
+        if sc is not None:          # the same size condition in both branches (never part of the null)
+            ckw["size_cond"] = ukw["size_cond"] = sc
+        x0 = guided_sample(self.network(), ckw, ukw, x_T, self.sched,
                            guidance_scale=float(guidance_scale), rescale=float(rescale), sampler=sampler,
                            steps=int(steps), eta=float(eta), generator=g, prediction=self.prediction,
                            clip_x0=clip_x0, progress=progress,
@@ -233,19 +283,20 @@ class Pipeline:
     def sample_grid(self, prompts: Sequence[str], guidance_scales: Sequence[float], num_per_prompt: int = 1,
                     seed: int = 0, batch_size: int = 64, progress: bool = False,
                     model_wrapper: Optional[Callable[[ModelFn, list[str]], ModelFn]] = None,
-                    **kwargs) -> dict:
+                    height: Optional[int] = None, width: Optional[int] = None, **kwargs) -> dict:
         """Rows = guidance scales (x ``num_per_prompt`` samples), columns = prompts. The same initial
         noise for every scale (x_T of sample j of prompt i is fixed by ``seed``), so a column shows what
         guidance alone changes. Batches of at most ``batch_size`` images (batch k of a row samples its
         step noise with seed + 1 + k). -> {"images": (rows*cols, C, H, W) in [-1, 1], "nrow": cols,
         "row_labels", "col_labels", "records": [{"row", "col", "prompt", "scale", "sample"}]}.
-        ``kwargs`` go to ``__call__`` (steps, sampler, eta, rescale, negative_prompt)."""
+        ``kwargs`` go to ``__call__`` (steps, sampler, eta, rescale, negative_prompt); every image is
+        height x width (default: the training size)."""
         prompts = list(prompts)
         cols = len(prompts)
         n = cols * num_per_prompt
         # job order within a scale: sample j of prompt i at position j * cols + i (row j, column i)
         flat_prompts = [prompts[i] for j in range(num_per_prompt) for i in range(cols)]
-        x_T = self.noise(n, seed)
+        x_T = self.noise(n, seed, height, width)
         rows_out, row_labels, records = [], [], []
         batches = [(s, lo) for s in guidance_scales for lo in range(0, n, batch_size)]
         bar = None
@@ -275,5 +326,6 @@ class Pipeline:
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.unet.parameters())
-        return (f"Pipeline(unet {n / 1e6:.2f}M params, {self.image_size}x{self.image_size}x{self.channels}, "
+        return (f"Pipeline(unet {n / 1e6:.2f}M params, {self.image_size}x{self.image_size}x{self.channels} "
+                f"(any multiple of {self.size_multiple}), "
                 f"encoder {self.encoder.path}, device {self.device}, dtype {self.dtype})")

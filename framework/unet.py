@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig
 
-__all__ = ["UNet", "build_encoder_half", "run_encoder_half", "ResBlock", "SpatialTransformer", "timestep_embedding", "apply_activation_checkpointing",
+__all__ = ["UNet", "size_multiple", "check_size", "build_encoder_half", "run_encoder_half", "ResBlock", "SpatialTransformer", "timestep_embedding", "apply_activation_checkpointing",
            "count_params", "level_channels", "level_heads", "to_diffusers_state_dict",
            "from_diffusers_state_dict", "diffusers_config"]
 
@@ -318,6 +318,19 @@ def run_encoder_half(module: nn.Module, x: torch.Tensor, temb: torch.Tensor, ctx
     return h
 
 
+def size_multiple(cfg: UNetConfig) -> int:
+    """The UNet's downsampling factor 2 ** (len(channel_mult) - 1): heights and widths must divide by it."""
+    return 2 ** (len(cfg.channel_mult) - 1)
+
+
+def check_size(height: int, width: int, multiple: int, what: str = "the UNet's downsampling factor") -> None:
+    """ValueError unless height and width are positive multiples of ``multiple``."""
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"height x width = {height}x{width}: both must be positive multiples of {multiple} "
+                         f"({what}); e.g. {max(multiple, height // multiple * multiple)}x"
+                         f"{max(multiple, width // multiple * multiple)}")
+
+
 def _res(cfg: UNetConfig, cin: int, cout: int) -> "ResBlock":
     return ResBlock(cin, cout, 4 * cfg.channels * cfg.channel_mult[0], cfg.groups, cfg.dropout, cfg.scale_shift)
 
@@ -357,15 +370,40 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(g, c0, eps=1e-5)
         self.conv_out = ZeroConv2d(c0, cfg.out_channels or cfg.in_channels, 3, padding=1)
 
+        # SDXL micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w], each
+        # number through the timestep embedding (c0 wide), concatenated (B, 6*c0), an MLP whose last
+        # layer starts at zero (an untrained model is the model without it), added to the time
+        # embedding. Built last, so the other layers draw the same initial weights with it or without.
+        self.size_embed = (nn.Sequential(nn.Linear(6 * c0, 4 * c0), nn.SiLU(), ZeroLinear(4 * c0, 4 * c0))
+                           if cfg.micro_conditioning else None)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: 2 ** (levels - 1) (one halving per level)."""
+        return size_multiple(self.cfg)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: Optional[torch.Tensor] = None,
-                ctx_mask: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, C, H, W), H and W divisible by 2^(levels-1); t (B,) int or float (or a scalar);
-        ctx (B, L, D) text tokens or None; ctx_mask (B, L) bool, True = real token; pooled (B, P)
+                ctx_mask: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None,
+                size_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, C, H, W), H and W multiples of ``size_multiple`` = 2^(levels-1), any aspect;
+        t (B,) int or float (or a scalar); ctx (B, L, D) text tokens or None; ctx_mask (B, L) bool,
+        True = real token; pooled (B, P); size_cond (B, 6) [orig_h, orig_w, crop_top, crop_left,
+        target_h, target_w] in pixels (required with unet.micro_conditioning, else ignored)
         -> (B, C_out, H, W)."""
+        check_size(x.shape[-2], x.shape[-1], self.size_multiple)
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        temb = self.time_embed(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))  # (B, 4C)
+        c0 = self.conv_in.out_channels
+        temb = self.time_embed(timestep_embedding(t, c0).to(x.dtype))  # (B, 4C)
         if self.pooled_embed is not None and pooled is not None:
             temb = temb + self.pooled_embed(pooled.to(temb.dtype))
+        if self.size_embed is not None:
+            if size_cond is None:
+                raise ValueError("unet.micro_conditioning is on: pass size_cond (B, 6) = [orig_h, orig_w, "
+                                 "crop_top, crop_left, target_h, target_w]")
+            B = x.shape[0]
+            sc = torch.as_tensor(size_cond, device=x.device).reshape(-1, 6).expand(B, 6)
+            e = timestep_embedding(sc.reshape(-1), c0).reshape(B, 6 * c0)             # (B, 6*C)
+            temb = temb + self.size_embed(e.to(temb.dtype))
         temb = F.silu(temb)            # every ResBlock takes SiLU(temb), as diffusers' ResnetBlock2D
 
         hs: list = []
@@ -502,7 +540,12 @@ def from_diffusers_state_dict(sd: dict) -> dict:
 def diffusers_config(cfg: UNetConfig) -> dict:
     """The ``UNet2DConditionModel(**kwargs)`` equivalent to ``cfg`` (context_dim > 0; pooled text
     maps to ``class_embed_type="projection"``, pass it as ``class_labels``). Note: with ctx=None
-    our cross-attention is skipped, diffusers' would self-attend instead."""
+    our cross-attention is skipped, diffusers' would self-attend instead. Micro-conditioning has no
+    equivalent here (SDXL's ``add_embedding`` takes the pooled text and the size ids through ONE MLP;
+    ours embeds the size ids alone): ValueError."""
+    if cfg.micro_conditioning:
+        raise ValueError("unet.micro_conditioning has no diffusers UNet2DConditionModel equivalent in this "
+                         "mapping (SDXL's add_embedding mixes pooled text and size ids): export without diffusers")
     n = len(cfg.channel_mult)
     att = set(cfg.attention_levels)
     kw = dict(

@@ -4,9 +4,11 @@
     python -m tools.sample runs/demo/export --prompts-file prompts.txt --guidance 0 1 3 5 \\
         --num-per-prompt 2 --steps 25 --sampler ddim --seed 0 --out samples/
     python -m tools.sample EXPORT --prompt "a photo of a coat" --negative-prompt "a photo of a shirt" --rescale 0.7
+    python -m tools.sample EXPORT --prompt "a bag on the left" --size 16x32 --size 32x16   # aspect ratios
 
 Grid: one row per guidance scale (x --num-per-prompt), one column per prompt; every scale starts
-from the same noise, so a column shows what guidance changes. Writes OUT/grid.png,
+from the same noise, so a column shows what guidance changes. Several --size: a block of rows per
+size, each image centred in a cell as large as the largest (framework/images.make_grid). Writes OUT/grid.png,
 OUT/images/g{scale}_p{prompt}_n{sample}.png and OUT/samples.json. The logic is
 framework/export.py (Pipeline, Pipeline.sample_grid).
 """
@@ -41,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clamp each step's x_0 estimate to [-C, C] (default: config.yaml's, 1.0)")
     p.add_argument("--no-clip", action="store_true", help="do not clamp the x_0 estimates")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None, help="output height in pixels (default: the training size)")
+    p.add_argument("--width", type=int, default=None, help="output width in pixels (default: the training size)")
+    p.add_argument("--size", action="append", default=[], metavar="HxW",
+                   help="an output size, e.g. 256x384 (repeatable: a block of grid rows per size)")
     p.add_argument("--num-per-prompt", "-n", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
@@ -110,6 +116,20 @@ def short_label(text: str, width_px: int) -> str:
     return text if len(text) <= n else ".." + text[-(n - 2):]
 
 
+def parse_sizes(args) -> list[tuple[Optional[int], Optional[int]]]:
+    """--size HxW (repeatable) or --height/--width -> [(h, w)] (None: the model's training size)."""
+    if args.size and (args.height or args.width):
+        raise SystemExit("use --size HxW or --height/--width, not both")
+    out = []
+    for text in args.size:
+        try:
+            h, w = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 256x384") from None
+        out.append((h, w))
+    return out or [(args.height, args.width)]
+
+
 def run(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     from framework.export import Pipeline
@@ -125,12 +145,28 @@ def run(argv: Optional[list[str]] = None) -> dict:
         kw["negative_prompt"] = args.negative_prompt
     if args.no_clip or args.clip_x0 is not None:
         kw["clip_x0"] = None if args.no_clip else args.clip_x0
-    res = pipe.sample_grid(prompts, scales, num_per_prompt=args.num_per_prompt, seed=args.seed,
-                           batch_size=args.batch_size, progress=True,
-                           model_wrapper=guidance_wrapper(args, pipe), **kw)
+    sizes = []
+    for h, w in parse_sizes(args):
+        try:
+            sizes.append(pipe.check_size(h, w))
+        except ValueError as e:
+            raise SystemExit(f"--size/--height/--width: {e}") from None
+    wrapper = guidance_wrapper(args, pipe)
+    images, row_labels, records = [], [], []
+    for h, w in sizes:
+        r = pipe.sample_grid(prompts, scales, num_per_prompt=args.num_per_prompt, seed=args.seed,
+                             batch_size=args.batch_size, progress=True, model_wrapper=wrapper,
+                             height=h, width=w, **kw)
+        images.append(r["images"])
+        row_labels += [f"{lab} {h}x{w}" if len(sizes) > 1 else lab for lab in r["row_labels"]]
+        for rec in r["records"]:
+            records.append(dict(rec, row=rec["row"] + len(row_labels) - len(r["row_labels"]), height=h, width=w))
+    res = {"images": images[0] if len(images) == 1 else images, "nrow": len(prompts),
+           "row_labels": row_labels, "records": records}
     os.makedirs(args.out, exist_ok=True)
-    scale = args.cell_scale or max(1, -(-64 // pipe.image_size))
-    cell = pipe.image_size * scale
+    side = min(min(s) for s in sizes)
+    scale = args.cell_scale or max(1, -(-64 // side))
+    cell = max(w for _, w in sizes) * scale
     labels = args.labels if args.labels else [short_label(p, cell) for p in prompts]
     if len(labels) != len(prompts):
         raise SystemExit(f"{len(labels)} --labels for {len(prompts)} prompts")
@@ -139,13 +175,15 @@ def run(argv: Optional[list[str]] = None) -> dict:
     files = []
     if not args.no_images:
         os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-        for rec, im in zip(res["records"], to_pil(res["images"])):
-            name = f"images/g{rec['scale']:g}_p{rec['col']:03d}_n{rec['sample']}.png"
+        pils = [im for x in images for im in to_pil(x)]
+        for rec, im in zip(res["records"], pils):
+            size = f"_{rec['height']}x{rec['width']}" if len(sizes) > 1 else ""
+            name = f"images/g{rec['scale']:g}_p{rec['col']:03d}_n{rec['sample']}{size}.png"
             im.save(os.path.join(args.out, name))
             rec["file"] = name
             files.append(name)
     summary = {"export": os.path.abspath(args.export), "grid": os.path.abspath(grid), "prompts": prompts,
-               "guidance_scales": scales, "seed": args.seed, "num_per_prompt": args.num_per_prompt,
+               "guidance_scales": scales, "sizes": [list(s) for s in sizes], "seed": args.seed, "num_per_prompt": args.num_per_prompt,
                "sampler": kw.get("sampler", pipe.defaults.sampler), "steps": kw.get("steps", pipe.defaults.steps),
                "device": str(pipe.device), "seconds": round(time.perf_counter() - t0, 2),
                "images": res["records"]}
