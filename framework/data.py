@@ -93,6 +93,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .buckets import BucketBatcher, assign, bucket_name, buckets_from_config, format_histogram
 from .shardformat import (DataError, is_remote, join_url, local_path, manifest_caption_lines, sample_captions,
                           unpack_embedding, url_dir)
 from .shardlist import Shard, expand_spec
@@ -123,12 +124,19 @@ class _Reject(Exception):
 _16BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def _to_image(data: bytes, cfg, rng: random.Random) -> np.ndarray:
-    """bytes -> (C, S, S) uint8: decode, mode, resize shorter side, crop, flip."""
-    size = cfg.image_size
+def _open_image(data: bytes, cfg, draft: Optional[tuple[int, int]] = None,
+                buckets: Optional[Sequence] = None, rng: Optional[random.Random] = None):
+    """bytes -> (PIL image in the configured mode, its bucket Placement or None). ``draft``: the
+    (w, h) a JPEG may be decoded at (reduced scale >= it); with ``buckets`` the placement is chosen
+    from the image's stored size first and the draft is its resize size."""
     im = Image.open(io.BytesIO(data))
-    if im.format == "JPEG":       # let libjpeg decode at a reduced scale (>= the target size)
-        im.draft("L" if cfg.channels == 1 else "RGB", (size, size))
+    pl = None
+    if buckets:
+        w0, h0 = im.size
+        pl = assign(h0, w0, buckets, crop=cfg.crop, rng=rng)
+        draft = (pl.resize[1], pl.resize[0])
+    if im.format == "JPEG" and draft is not None:   # let libjpeg decode at a reduced scale (>= the target)
+        im.draft("L" if cfg.channels == 1 else "RGB", draft)
     im.load()
     if im.mode in _16BIT:         # 16-bit grey: scale to 8 bits (Pillow's convert("L") would clip at 255)
         a = np.asarray(im).astype(np.float32) * np.float32(255 / 65535)
@@ -141,6 +149,13 @@ def _to_image(data: bytes, cfg, rng: random.Random) -> np.ndarray:
     mode = "L" if cfg.channels == 1 else "RGB"
     if im.mode != mode:
         im = im.convert(mode)
+    return im, pl
+
+
+def _to_image(data: bytes, cfg, rng: random.Random) -> np.ndarray:
+    """bytes -> (C, S, S) uint8: decode, mode, resize shorter side, crop, flip."""
+    size = cfg.image_size
+    im, _ = _open_image(data, cfg, (size, size))
     w, h = im.size
     if min(w, h) != size:
         s = size / min(w, h)
@@ -159,10 +174,31 @@ def _to_image(data: bytes, cfg, rng: random.Random) -> np.ndarray:
     return arr
 
 
+def _to_bucket_image(data: bytes, cfg, rng: random.Random, buckets: Sequence) -> tuple[np.ndarray, list]:
+    """bytes -> ((C, h, w) uint8, size_cond): the image resized (aspect kept) to cover the bucket
+    nearest its aspect ratio and cropped to it (``buckets.assign``); size_cond is SDXL's
+    [orig_h, orig_w, crop_top, crop_left, h, w], its crop_left mirrored when the image is flipped."""
+    im, pl = _open_image(data, cfg, buckets=buckets, rng=rng)
+    rh, rw = pl.resize
+    if im.size != (rw, rh):
+        im = im.resize((rw, rh), Image.BICUBIC)
+    if pl.crop != (0, 0):
+        im = im.crop(pl.box)
+    arr = np.asarray(im, dtype=np.uint8)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    sc = pl.size_cond()
+    if cfg.random_flip and rng.random() < 0.5:
+        arr = arr[:, :, ::-1]
+        sc[3] = rw - pl.bucket[1] - pl.left           # the crop seen from the mirrored image's left edge
+    return arr, sc
+
+
 def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tuple] = None,
-                  caption_lines: bool = False) -> dict:
+                  caption_lines: bool = False, buckets: Optional[Sequence] = None) -> dict:
     """A raw sample -> {"image", "caption", "key", "label"[, "ctx", "ctx_mask", "pooled"]}.
-    ``caption_lines``: the .txt holds one caption per line. Raises ``_Reject(reason)`` for a bad sample."""
+    ``caption_lines``: the .txt holds one caption per line. ``buckets`` ((h, w) pixels, aspect-ratio
+    buckets on): the image goes to its nearest-aspect bucket and the sample gets "bucket" (h, w) and
+    "size_cond". Raises ``_Reject(reason)`` for a bad sample."""
     image_keys = [k.strip().lower() for k in cfg.image_keys.split(";") if k.strip()]
     ext = next((k for k in image_keys if k in sample), None)
     if ext is None:
@@ -181,13 +217,25 @@ def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tupl
             arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
         except Exception as e:
             raise _Reject("decode", repr(e)) from None
-        want = (cfg.channels, cfg.image_size, cfg.image_size)
-        if arr.shape != want:
-            raise _Reject("shape", f"npy shape {arr.shape}, expected {want}")
+        # TODO(buckets x latents): precomputed latents store their bucket shape per sample; until that
+        # reader lands, a bucketed .npy must already have a bucket's (h, w) (docs/data.md)
+        if buckets:
+            if arr.ndim != 3 or arr.shape[0] != cfg.channels or tuple(arr.shape[1:]) not in set(map(tuple, buckets)):
+                raise _Reject("shape", f"npy shape {arr.shape}: not ({cfg.channels}, h, w) of a data.buckets bucket")
+            out["bucket"] = (int(arr.shape[1]), int(arr.shape[2]))
+            out["size_cond"] = [*out["bucket"], 0, 0, *out["bucket"]]
+        else:
+            want = (cfg.channels, cfg.image_size, cfg.image_size)
+            if arr.shape != want:
+                raise _Reject("shape", f"npy shape {arr.shape}, expected {want}")
         out["image"] = arr.astype(np.float32)
     else:
         try:
-            out["image"] = _to_image(sample[ext], cfg, rng)
+            if buckets:
+                out["image"], out["size_cond"] = _to_bucket_image(sample[ext], cfg, rng, buckets)
+                out["bucket"] = (int(out["size_cond"][4]), int(out["size_cond"][5]))
+            else:
+                out["image"] = _to_image(sample[ext], cfg, rng)
         except Exception as e:
             raise _Reject("decode", repr(e)) from None
     if "json" in sample and sample["json"]:
@@ -250,6 +298,8 @@ def _collate(items: list[dict]) -> dict:
         batch["ctx_mask"] = torch.from_numpy(np.stack([it["ctx_mask"] for it in items]))  # (B,L) bool
         if all("pooled" in it for it in items):
             batch["pooled"] = torch.from_numpy(np.stack([it["pooled"] for it in items]))  # (B,P)
+    if "size_cond" in items[0]:       # aspect-ratio buckets: SDXL's size/crop condition per image
+        batch["size_cond"] = torch.tensor([it["size_cond"] for it in items], dtype=torch.int64)  # (B,6)
     return batch
 
 
@@ -308,6 +358,8 @@ class _Plan:
         self.emb_dims = emb_dims
         self.caption_lines = caption_lines or [False] * len(datasets)
         self.resampled = bool(cfg.resampled)
+        bcfg = getattr(cfg, "buckets", None)
+        self.buckets: list = buckets_from_config(bcfg, cfg.image_size) if bcfg is not None else []
         self.groups: list[list[list[Piece]]] = []
         for d, shards in enumerate(datasets):
             if self.resampled:
@@ -352,6 +404,8 @@ class _Plan:
         ident = {"datasets": [[(os.path.basename(s.url), s.count) for s in ds] for ds in datasets],
                  "weights": weights, "resampled": self.resampled, "spe": cfg.samples_per_epoch,
                  "shardshuffle": cfg.shardshuffle, "shuffle_buffer": cfg.shuffle_buffer, "split": "pieces"}
+        if self.buckets:           # another batch stream: a state saved without (or with other) buckets restarts
+            ident["buckets"] = [list(b) for b in self.buckets]
         self.fingerprint = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- assignment --------------------------------------------------------------------------
@@ -514,6 +568,7 @@ class _DatasetStream:
         if s is None:                            # restored by reference: read it now
             i, j, off = ref
             s = self._tagged(read_samples_at(self.shards[i].url, [(j, off)]).get(j), i, j)
+        s["__ref__"] = ref                       # where it came from (bucket queues save it)
         return s
 
     def next(self) -> dict:
@@ -521,6 +576,7 @@ class _DatasetStream:
             if not self.bufsize:
                 got = self._pull()
                 if got is not None:
+                    got[0]["__ref__"] = got[1]
                     return got[0]
                 self._next_pass()
                 continue
@@ -608,9 +664,11 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         return self._run(w, json.loads(json.dumps(self.positions[w])))
 
     def _run(self, w: int, pos: dict) -> Iterator[dict]:
-        plan, cfg, B = self.plan, self.plan.cfg, self.plan.B
+        if self.plan.buckets:
+            yield from self._run_buckets(w, pos)
+            return
+        plan, B = self.plan, self.plan.B
         c = plan.rank * plan.W + w
-        warn_every = max(1, cfg.bad_warn_every)
         while True:
             if pos["batches"] >= plan.s:                     # this worker's epoch is done
                 pos.update(epoch=pos["epoch"] + 1, raw=0, batches=0, stream=None)
@@ -619,38 +677,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             stream = _EpochStream(plan, epoch, c, events, pos["stream"])   # continues where it stood
             items: list[dict] = []
             while pos["batches"] < plan.s:
-                sample = stream.next()
-                pos["raw"] += 1
-                for ev in events:                        # shard-level damage
-                    reason, url, detail, n = ev
-                    pos["bad"][reason] = pos["bad"].get(reason, 0) + n
-                    pos["seen"] += n
-                    log.warning("bad shard data (%s) in %s: %s", reason, url, detail)
-                del events[:]
-                p = sample.get("__pass__", 0)
-                d = sample.get("__dataset__", 0)
-                pos["seen"] += 1
-                rng = _sample_rng(plan.seed, epoch, p, d, os.path.basename(sample.get("__url__", "")),
-                                  sample["__key__"])
-                try:
-                    item = decode_sample(sample, cfg, rng, plan.emb_dims, plan.caption_lines[d])
-                except _Reject as r:
-                    pos["bad"][r.reason] = pos["bad"].get(r.reason, 0) + 1
-                    nbad = sum(pos["bad"].values())
-                    if nbad == 1 or nbad % warn_every == 0:
-                        log.warning("bad sample (%s) %s in %s: %s [%d bad of %d read by this worker]",
-                                    r.reason, sample["__key__"], sample.get("__url__"), r.detail,
-                                    nbad, pos["seen"])
-                    _check_bad([pos], cfg, f"rank {plan.rank} worker {w}")
-                    pos["bad_run"] += 1
-                    if pos["bad_run"] > max(10_000, 3 * plan.group_samples(c)):
-                        raise DataError(f"rank {plan.rank} worker {w}: the last {pos['bad_run']} "
-                                        f"samples were all bad ({dict(pos['bad'])})")
-                    continue
-                pos["good"] += 1
-                pos["bad_run"] = 0
-                if p > 0:
-                    pos["repeated"] += 1
+                item, _ = self._next_good(w, c, epoch, stream, events, pos)
                 items.append(item)
                 if len(items) == B:
                     pos["batches"] += 1
@@ -659,6 +686,119 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                     items = []
                     batch["__pos__"] = (w, {**pos, "bad": dict(pos["bad"])})
                     yield batch
+
+    def _next_good(self, w: int, c: int, epoch: int, stream: "_EpochStream", events: list,
+                   pos: dict) -> tuple[dict, dict]:
+        """The next raw sample of ``stream`` that decodes -> (item, raw sample); bad ones counted."""
+        plan, cfg = self.plan, self.plan.cfg
+        warn_every = max(1, cfg.bad_warn_every)
+        while True:
+            sample = stream.next()
+            pos["raw"] += 1
+            for ev in events:                        # shard-level damage
+                reason, url, detail, n = ev
+                pos["bad"][reason] = pos["bad"].get(reason, 0) + n
+                pos["seen"] += n
+                log.warning("bad shard data (%s) in %s: %s", reason, url, detail)
+            del events[:]
+            p = sample.get("__pass__", 0)
+            pos["seen"] += 1
+            try:
+                item = self._decode(sample, epoch)
+            except _Reject as r:
+                pos["bad"][r.reason] = pos["bad"].get(r.reason, 0) + 1
+                nbad = sum(pos["bad"].values())
+                if nbad == 1 or nbad % warn_every == 0:
+                    log.warning("bad sample (%s) %s in %s: %s [%d bad of %d read by this worker]",
+                                r.reason, sample["__key__"], sample.get("__url__"), r.detail,
+                                nbad, pos["seen"])
+                _check_bad([pos], cfg, f"rank {plan.rank} worker {w}")
+                pos["bad_run"] += 1
+                if pos["bad_run"] > max(10_000, 3 * plan.group_samples(c)):
+                    raise DataError(f"rank {plan.rank} worker {w}: the last {pos['bad_run']} "
+                                    f"samples were all bad ({dict(pos['bad'])})")
+                continue
+            pos["good"] += 1
+            pos["bad_run"] = 0
+            if p > 0:
+                pos["repeated"] += 1
+            return item, sample
+
+    def _decode(self, sample: dict, epoch: int) -> dict:
+        """decode_sample with the sample's own seeded generator (a function of seed, epoch, pass,
+        dataset, shard and key: the same item however often it is read)."""
+        plan = self.plan
+        p, d = sample.get("__pass__", 0), sample.get("__dataset__", 0)
+        rng = _sample_rng(plan.seed, epoch, p, d, os.path.basename(sample.get("__url__", "")), sample["__key__"])
+        return decode_sample(sample, plan.cfg, rng, plan.emb_dims, plan.caption_lines[d], plan.buckets or None)
+
+    # -- aspect-ratio buckets --------------------------------------------------------------------
+    def _run_buckets(self, w: int, pos: dict) -> Iterator[dict]:
+        """Batches of one bucket each (``buckets.BucketBatcher``), still ``s`` per worker epoch.
+
+        The samples feeding the batcher ("the feed") and the batches coming out are counted apart:
+        the feed takes ``s * B`` good samples from epoch e's stream (as the fixed-size path does),
+        then goes on with epoch e+1's stream; batch epoch e ends after its ``s``-th batch, which may
+        need samples of the feed's next epoch (at most buckets x (B - 1) wait in the queues). The
+        position holds the feed's epoch, count and stream state, and the queues as references
+        ``[feed epoch, dataset, pass, shard, sample index, byte offset]``: a resume re-reads and
+        re-decodes those (the decode is a function of the reference) and continues exactly."""
+        plan, B = self.plan, self.plan.B
+        c = plan.rank * plan.W + w
+        batcher = BucketBatcher(B, plan.buckets)
+        pos.setdefault("feed_epoch", pos["epoch"])
+        pos.setdefault("feed_good", 0)
+        if pos.get("buckets"):
+            batcher.load_state_dict(pos["buckets"])
+            for ref, item in self._reload(batcher.missing()):
+                batcher.fill(ref, item)
+        quota = plan.s * B
+        while True:
+            if pos["feed_good"] >= quota:                    # the feed's epoch is used up
+                pos.update(feed_epoch=pos["feed_epoch"] + 1, feed_good=0, raw=0, stream=None)
+            fe = pos["feed_epoch"]
+            events: list = []
+            stream = _EpochStream(plan, fe, c, events, pos["stream"])
+            while pos["feed_good"] < quota:
+                item, sample = self._next_good(w, c, fe, stream, events, pos)
+                pos["feed_good"] += 1
+                i, j, off = sample["__ref__"]
+                ref = [fe, sample.get("__dataset__", 0), sample.get("__pass__", 0), i, j, off]
+                out = batcher.add(ref, item["bucket"], item)
+                if out is None:
+                    continue
+                if pos["batches"] >= plan.s:             # the batch epoch rolls over
+                    pos.update(epoch=pos["epoch"] + 1, batches=0)
+                pos["batches"] += 1
+                pos["stream"] = stream.state()
+                pos["buckets"] = batcher.state_dict()
+                batch = _collate([it for _, it in out])
+                batch["__pos__"] = (w, json.loads(json.dumps(pos)))
+                yield batch
+
+    def _reload(self, refs: list) -> list[tuple[list, dict]]:
+        """Queued references -> (ref, item), each shard read once (seeks to the saved offsets)."""
+        by_shard: dict[tuple[int, int], list] = collections.defaultdict(list)
+        for ref in refs:
+            by_shard[(ref[1], ref[3])].append(ref)
+        out = []
+        for (d, i), rs in by_shard.items():
+            url = self.plan.datasets[d][i].url
+            got = read_samples_at(url, [(r[4], r[5]) for r in rs])
+            for r in rs:
+                s = got.get(r[4])
+                if s is None:
+                    raise DataError(f"resume: sample {r[4]} of {url} cannot be read again "
+                                    f"(the shard changed since the checkpoint?)")
+                s = dict(s, __pass__=r[2])
+                if len(self.plan.datasets) > 1:
+                    s["__dataset__"] = d
+                try:
+                    out.append((r, self._decode(s, r[0])))
+                except _Reject as e:
+                    raise DataError(f"resume: queued sample {r[4]} of {url} no longer decodes "
+                                    f"({e.reason}: {e.detail})") from None
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,7 +873,18 @@ class ShardLoader:
         if p.total and self.dropped_per_epoch:
             line += (f"; {self.dropped_per_epoch} samples ({100 * self.dropped_per_epoch / p.total:.2f}%) left out "
                      f"per epoch (equal steps on every rank; < 1 batch per reader)")
+        if p.buckets:
+            line += (f"; {len(p.buckets)} aspect-ratio buckets ({', '.join(bucket_name(b) for b in p.buckets[:8])}"
+                     f"{' ...' if len(p.buckets) > 8 else ''}), batches of one bucket")
         return line
+
+    def bucket_histogram(self) -> dict[str, int]:
+        """Images this rank's consumed batches held per bucket ({"bucket/HxW": n}; empty without buckets)."""
+        out: dict[str, int] = {}
+        for p in self.positions:
+            for name, n in ((p.get("buckets") or {}).get("emitted") or {}).items():
+                out["bucket/" + name] = out.get("bucket/" + name, 0) + int(n)
+        return out
 
     # -- iteration -------------------------------------------------------------------------------
     def _reset(self, step: int, positions: list[dict]) -> None:
@@ -765,6 +916,9 @@ class ShardLoader:
         self.positions[w] = pos
         self.step += 1
         _check_bad(self.positions, self.cfg, f"rank {self.rank}")
+        if self.plan.buckets and self.rank == 0 and self.step % self.steps_per_epoch == 0:
+            log.info("data: images per aspect-ratio bucket so far (rank 0):\n%s",
+                     format_histogram(self.bucket_histogram()))
         return batch
 
     def close(self) -> None:
@@ -838,6 +992,7 @@ class ShardLoader:
                "dropped_per_epoch": self.dropped_per_epoch, "steps_per_epoch": self.steps_per_epoch}
         for r in BAD_REASONS:
             out[f"bad_{r}"] = bad.get(r, 0)
+        out.update(self.bucket_histogram())
         return out
 
     def epoch_assignment(self, epoch: int, dataset: int = 0) -> dict[tuple[int, int], list[str]]:
