@@ -11,16 +11,17 @@ data-parallel ranks, w bytes per weight: 2 bf16, 4 fp32; "part" = ZeRO's flat pa
 | category | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-3 |
 | --- | --- | --- | --- | --- |
 | params (the module's weights) | wP | wP | wP | w part (+ the gathered working set) |
-| master fp32 | bf16: 4P, fp32: 0 | 4 part | 4 part | bf16: 4 part, fp32: 0 (shared) |
+| master fp32 | bf16: 4P, fp32: 0 | 4 part | 4 part | 4 part |
 | Adam m, v (fp32) | 8P | 8 part | 8 part | 8 part |
 | gradients | wP (+4P bf16) | wP + 4 part | w part + 4 part | w part |
 | reduce buckets | - | reduce_bucket_size x w (x2 with overlap_comm) | same | same |
 | EMA (fp32, framework.engine.EMA) | 4P | 4P | 4P | 4 part |
 
-ZeRO-1/2 clone their fp32 master partition even when the model is fp32 (stage_1_and_2.py: the
-partition is ``.clone()``-d), ZeRO-3 shares it when the dtypes agree: on CPU (fp32) only ZeRO-3
-and ZeRO-0 have no separate master weights. Measured against the real engine on 1, 2 and 4 gloo
-ranks in ``tests/test_plan.py`` (``tests/plan_memory_worker.py``).
+Every ZeRO stage keeps its own fp32 master partition, even when the model is fp32 (measured:
+ZeRO-1/2 ``.clone()`` the partition, ZeRO-3's ``fp32_partitioned_groups_flat`` is a separate
+buffer too); only ZeRO-0 in fp32 (a plain torch optimizer) has no master copy. Measured against the
+real engine on 1, 2 and 4 gloo ranks (fp32 and bf16) by ``tests/test_plan.py``
+(``tests/plan_memory_worker.py``).
 
 Activations per image come from a probe: one forward+backward of the UNet at two micro batches
 under ``torch.distributed._tools.mem_tracker.MemTracker``, on fake tensors (``FakeTensorMode``:
@@ -459,10 +460,8 @@ def rank_memory(w: Workload, world: int, facts: dict, act: Optional[dict], devic
         m["params_gathered"] = wb * min(P, DS_PREFETCH_BUCKET + 2 * facts["largest_block_params"])
     if s == 0:
         m["master_fp32"] = 0 if fp32 else 4 * P
-    elif s == 3:
-        m["master_fp32"] = 0 if fp32 else 4 * part
     else:
-        m["master_fp32"] = 4 * part                 # cloned even in fp32
+        m["master_fp32"] = 4 * part                 # a separate buffer even in fp32 (measured)
     m["optimizer"] = 8 * part                       # Adam m and v, fp32
     if s == 0:
         m["grads"] = wb * P + (0 if fp32 else 4 * P)

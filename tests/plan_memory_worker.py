@@ -75,8 +75,12 @@ def measure(stage: int, precision: str, run_root: str) -> dict:
     inner = engine.optimizer
     while hasattr(inner, "optimizer") and not isinstance(inner, torch.optim.Optimizer):
         inner = inner.optimizer
-    group_tensors = [p for g in inner.param_groups for p in g["params"]
-                     if p.untyped_storage().data_ptr() not in param_ptrs]
+    # the fp32 master partitions: ZeRO-1/2 single_partition_of_fp32_groups, ZeRO-3
+    # fp32_partitioned_groups_flat (the inner optimizer sees them only during its step)
+    zopt = engine.optimizer
+    masters = getattr(zopt, "single_partition_of_fp32_groups", None) or \
+        getattr(zopt, "fp32_partitioned_groups_flat", None) or []
+    group_tensors = [t for t in masters if t.untyped_storage().data_ptr() not in param_ptrs]
     state = [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.ndim > 0]
     rec = {**E.memory_stats(engine, zero3), "world": denv.world_size, "stage": stage, "precision": precision,
            "bytes_params": storage_bytes(params), "bytes_master": storage_bytes(group_tensors),

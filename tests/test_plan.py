@@ -85,10 +85,12 @@ def test_rank_memory_closed_forms():
         assert z3["params"] == 2 * z3part and z3["master_fp32"] + z3["optimizer"] == 12 * z3part
         assert z3["ema"] == 4 * z3part and z3["grads"] == 2 * z3part
         assert p / n <= z3part < p / n + len(f["numels"])
-    # fp32: ZeRO-1/2 still clone a master partition; ZeRO-3 shares it with the weights
+    # fp32: every ZeRO stage still keeps a separate fp32 master partition; ZeRO-0 (torch's AdamW) none
     w32 = tiny()
     assert P.rank_memory(dataclasses.replace(w32, zero_stage=2), 2, f, None)["master_fp32"] == 4 * math.ceil(p / 2)
-    assert P.rank_memory(dataclasses.replace(w32, zero_stage=3), 2, f, None)["master_fp32"] == 0
+    z3part = sum(math.ceil(k / 2) for k in f["numels"])
+    assert P.rank_memory(dataclasses.replace(w32, zero_stage=3), 2, f, None)["master_fp32"] == 4 * z3part
+    assert P.rank_memory(dataclasses.replace(w32, zero_stage=0), 2, f, None)["master_fp32"] == 0
     assert P.rank_memory(dataclasses.replace(w32, ema=False), 2, f, None)["ema"] == 0
     # the bucket: DeepSpeed allocates reduce_bucket_size elements on CUDA; on CPU only touched pages count
     assert P.rank_memory(w, 2, f, None, "cuda")["buckets"] == 2 * P.DS_REDUCE_BUCKET
@@ -139,7 +141,7 @@ def test_plan_numbers_hang_together():
     w = P.Workload.from_preset("sd2", micro_batch=32, zero_stage=2, mfu=0.5, target_images=1e9)
     c = P.cluster("a100-80x8", nodes=8)
     act = {"bytes_per_image": 50 * 2 ** 20, "fixed_bytes": 2 ** 28, "source": "test", "mode": "given"}
-    p = P.make_plan(w, c, act=act)
+    p = P.make_plan(w, c, act=act, probe="off")        # the other checkpointing kinds: unknown (None)
     s = p["step"]
     assert s["compute_s"] == pytest.approx(32 * p["model"]["flops_executed_per_image"] / (312e12 * 0.5))
     assert s["step_s"] == pytest.approx(s["compute_s"] + s["comm_s"])
@@ -176,6 +178,7 @@ def test_fake_probe_equals_real_cpu_probe_and_checkpointing_saves():
     checkpointing every block keeps far less per image (docs/benchmarks.md: 2.26 vs 7.53 MB)."""
     u = tiny().unet
     real = P.probe_activations(u, (3, 32, 32), (77, 384), torch.float32, False, (1, 2), mode="cpu")
+    assert real["bytes_per_image"] > 6 * 2 ** 20     # the bench's RSS slope: 7.53-7.58 MiB per image
     fake = P.probe_activations(u, (3, 32, 32), (77, 384), torch.float32, False, (1, 2), mode="fake")
     assert real["peaks"] == fake["peaks"]
     ck = P.probe_activations(u, (3, 32, 32), (77, 384), torch.float32, "all", (1, 2), mode="fake")
@@ -250,34 +253,33 @@ def compare_engine(measured: dict, precision: str = "fp32") -> list[tuple]:
     return rows
 
 
-def _assert_within(rows, tol=0.10):
+def _assert_within(rows, tol=0.01):
+    """The issue asks 10%; the model is exact up to ZeRO's padding (a few elements) and the checkpoint
+    files' pickling (measured within 0.4%), so 1% still catches any wrong factor."""
     bad = [r for r in rows if not (abs(r[3] - r[4]) <= tol * max(abs(r[4]), 1) or (r[3] == r[4] == 0))]
     assert not bad, "\n".join(f"{r[0]} ZeRO-{r[1]} x{r[2]}: plan {r[3]:,.0f} measured {r[4]:,.0f}" for r in bad)
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_plan_matches_engine_memory(nproc, tmp_path):
-    """ZeRO 1/2/3 per rank: the element counts the trainer logs, the bytes of weights, master,
-    Adam state and EMA, and the checkpoint on disk, within 10% of the plan (checkpoint files
-    carry pickling overhead: ~1 kB per tensor, a few % at the tiny model's 0.58M parameters).
-    4 ranks: PLAN_TEST_4_RANKS=1 (slow on 2 cores; docs/plan.md records the run)."""
-    _assert_within(compare_engine(_worker(nproc, str(tmp_path / "m.json"))))
+ALL = os.environ.get("PLAN_TEST_ALL") == "1"
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("PLAN_TEST_4_RANKS") != "1", reason="set PLAN_TEST_4_RANKS=1 (4 gloo ranks)")
-def test_plan_matches_engine_memory_4_ranks(tmp_path):
-    _assert_within(compare_engine(_worker(4, str(tmp_path / "m.json"))))
+@pytest.mark.parametrize("nproc,precision", [(2, "fp32"), (1, "bf16")] +
+                         ([(1, "fp32"), (2, "bf16"), (4, "fp32")] if ALL else []))
+def test_plan_matches_engine_memory(nproc, precision, tmp_path):
+    """ZeRO 1/2/3 per rank: the element counts the trainer logs, the bytes of weights, fp32 master,
+    Adam state and EMA, and the checkpoint on disk (all ranks), against the plan (see
+    _assert_within). PLAN_TEST_ALL=1 adds 1 rank fp32, 2 ranks bf16 and 4 ranks fp32 (4 gloo ranks
+    on 2 cores: minutes; docs/plan.md records that run)."""
+    _assert_within(compare_engine(_worker(nproc, str(tmp_path / "m.json"), precision=precision), precision))
 
 
 @pytest.mark.slow
 def test_largest_micro_batch_within_10pct_of_bench(tmp_path):
     """tools/bench.py --sections maxbatch (ZeRO-2 + EMA, fp32, peak RSS under a limit) against the
     plan's largest micro batch on the cpu cluster with that limit as its memory."""
-    limit_mb = 700
+    limit_mb = 1000
     out = tmp_path / "mb.jsonl"
     p = subprocess.run([sys.executable, "-m", "tools.bench", "--threads", "1", "--presets", "tiny", "--sections",
                         "maxbatch", "--maxbatch", "train", "--maxbatch-variants", "base", "--no-diffusers",
