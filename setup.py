@@ -28,6 +28,7 @@ setup(
             "fw-sample=tools.sample:main",
             "fw-evaluate=tools.evaluate:main",
             "fw-bench=tools.bench:main",
+            "fw-plan=tools.plan:main",
         ]
     },
 )

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", choices=["pixels", "latents"], default=None,
                    help="what the shards hold (default: latents for 4-channel UNets)")
     g.add_argument("--text-tokens", type=int, default=0, help="valid tokens stored per caption (0: all)")
+    g.add_argument("--pixel-size", type=int, default=0, help="image side in the shards (0: latent side x 8)")
+    g.add_argument("--jpeg-bytes-per-pixel", type=float, default=0.25, help="JPEG size per pixel (256 px q90: 0.24)")
     g.add_argument("--storage-gbs", type=float, default=2.0, help="checkpoint write bandwidth, GB/s (aggregate)")
     g.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (adds write time)")
     c = p.add_argument_group("cluster (a preset, fields overridable)")
@@ -97,7 +99,8 @@ def run(argv: Optional[list[str]] = None) -> dict:
         if val is not None:
             kw[name] = val
     kw.update(mfu=args.mfu, overlap=args.overlap, target_images=args.target_images,
-              text_tokens=args.text_tokens, storage_gbs=args.storage_gbs, ckpt_every=args.ckpt_every,
+              text_tokens=args.text_tokens, pixel_size=args.pixel_size,
+              jpeg_bytes_per_pixel=args.jpeg_bytes_per_pixel, storage_gbs=args.storage_gbs, ckpt_every=args.ckpt_every,
               ema=not args.no_ema)
     shape = dict(latent=args.latent, resolution=args.resolution, context_len=args.context)
     shape = {k: v for k, v in shape.items() if v is not None}
