@@ -52,7 +52,7 @@ from .config import Config, UNetConfig, load_config, to_dict
 __all__ = ["Cluster", "CLUSTERS", "cluster", "Workload", "make_plan", "rank_memory", "max_micro_batch",
            "collective_seconds", "comm_bytes", "checkpoint_bytes", "sample_bytes", "model_facts",
            "activation_profile", "probe_activations", "predict_rank_memory", "check_fits",
-           "device_memory_bytes", "format_plan", "GiB"]
+           "device_memory_bytes", "measured_peak_bytes", "log_fields", "format_plan", "GiB"]
 
 GiB = 2 ** 30
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "unet")
@@ -356,8 +356,9 @@ def _probe_cuda(unet, input_shape, context, dtype, checkpointing, batch) -> floa
 
 def activation_profile(w: Workload, probe: str = "auto", record: bool = True) -> Optional[dict]:
     """Bytes per image and fixed bytes of the activations for w, from the user cache, the shipped
-    table, or (probe "auto"/"fake"/"device") a probe whose result is written to the user cache.
-    probe "off": the tables only (None when neither has it)."""
+    table, or a probe whose result is written to the user cache: "auto" (real CPU tensors for a
+    model under 20M parameters, else fake tensors; never the GPU), "fake", "cpu", "device" (the
+    current CUDA device). probe "off": the tables only (None when neither has it)."""
     key = _act_key(w)
     for path in (_cache_path(), TABLE_PATH):
         hit = _read_table(path).get("activations", {}).get(key)
@@ -366,9 +367,8 @@ def activation_profile(w: Workload, probe: str = "auto", record: bool = True) ->
     if probe == "off":
         return None
     mode = probe
-    if probe == "auto":     # real tensors where cheap: a CUDA device, or a small model on the CPU
-        mode = "device" if torch.cuda.is_available() else (
-            "cpu" if model_facts(w)["params"] < 20_000_000 else "fake")
+    if probe == "auto":     # never the GPU (a trainer may be using it): real CPU tensors when small
+        mode = "cpu" if model_facts(w)["params"] < 20_000_000 else "fake"
     dtype = torch.bfloat16 if w.precision == "bf16" else torch.float32
     t0 = time.perf_counter()
     res = probe_activations(w.unet, tuple(w.input_shape), tuple(w.context), dtype,
@@ -594,10 +594,10 @@ def make_plan(w: Workload, c: Cluster, probe: str = "auto", act: Optional[dict] 
 
     # largest micro batch, without and with checkpointing (every block), and attention-only
     maxb = {}
-    for kind in ("none", "all", "attention"):
+    for kind in ("none", "all", "attention"):       # the static memory is the same for every kind
         wk = dataclasses.replace(w, activation_checkpointing=False if kind == "none" else kind)
         a = act if wk.ckpt_kind == w.ckpt_kind else activation_profile(wk, probe)
-        maxb[kind] = max_micro_batch(wk, c, model_facts(wk), a)
+        maxb[kind] = max_micro_batch(wk, c, facts, a)
 
     # step time: compute at MFU (of the executed FLOPs) + exposed communication + data stalls
     mfu_src = "given"
@@ -701,7 +701,7 @@ def check_fits(cfg: Config, world_size: int, device: Union[str, torch.device],
     if "activations" not in mem:
         return None
     total = device_memory_bytes(device, local_world)
-    runtime = 1.0 * GiB if device.type == "cuda" else 0.0      # CUDA context + NCCL (CPU: in the RSS)
+    runtime = 1.0 * GiB if device.type == "cuda" else cpu_runtime_bytes()   # CUDA context + NCCL / the RSS
     usable = total - runtime
     if mem["peak"] <= usable:
         return None
@@ -720,6 +720,31 @@ def check_fits(cfg: Config, world_size: int, device: Union[str, torch.device],
             f"(static {mem['static'] / GiB:.1f} GiB + activations {mem['activations'] / GiB:.1f} GiB) but "
             f"{device} has ~{usable / GiB:.1f} GiB usable: {hint}"
             + (f"; or try {', '.join(other)}" if other else ""))
+
+
+def measured_peak_bytes(device: Union[str, torch.device]) -> float:
+    """The peak the plan's ``peak`` is compared with: CUDA ``max_memory_allocated`` (plus nothing
+    outside the allocator), on CPU the process's peak RSS (VmHWM, which includes the runtime)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    with open("/proc/self/status") as f:
+        for ln in f:
+            if ln.startswith("VmHWM:"):
+                return int(ln.split()[1]) * 1024.0
+    return float("nan")  # pragma: no cover
+
+
+def log_fields(memory: dict, measured_peak: float, device: Union[str, torch.device] = "cpu") -> dict:
+    """Metrics for the trainer's first log line: the plan's categories (GiB) next to the measured
+    peak. On CPU the measured RSS includes the runtime the plan keeps apart: it is added here."""
+    device = torch.device(device)
+    runtime = cpu_runtime_bytes() if device.type == "cpu" else 0.0
+    out = {f"plan/{k}_gib": v / GiB for k, v in memory.items()}
+    planned = memory["peak"] + runtime
+    out.update({"plan/peak_with_runtime_gib": planned / GiB, "memory/peak_gib": measured_peak / GiB,
+                "plan/peak_over_measured": planned / measured_peak if measured_peak else float("nan")})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--runtime-gib", type=float, default=None, help="memory outside the allocator per GPU")
     o = p.add_argument_group("output")
     o.add_argument("--probe", choices=["auto", "fake", "cpu", "device", "off"], default="auto",
-                   help="activations: table, else a probe (auto: CUDA device, small model on CPU, else fake tensors)")
+                   help="activations: table, else a probe (auto: real CPU tensors for small models, else fake "
+                        "tensors; device: on the current CUDA device)")
     o.add_argument("--json", action="store_true", help="one JSON object on stdout (the table to stderr)")
     return p
 
