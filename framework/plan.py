@@ -224,29 +224,34 @@ def _unet_key(u: UNetConfig) -> str:
 _FACTS: dict = {}
 
 
-def model_facts(w: Workload) -> dict:
+def model_facts(w: Workload, flops: bool = True) -> dict:
     """params (trainable), per-parameter sizes (ZeRO-3 pads each to N), the largest block's
-    parameters (ZeRO-3's gathered working set), FLOPs per image: model fwd, fwd+bwd (the bench's
-    count) and the fwd+bwd executed with w's activation checkpointing (recomputation included)."""
-    key = (_unet_key(w.unet), tuple(w.input_shape), tuple(w.context), w.ckpt_kind)
-    if key in _FACTS:
-        return _FACTS[key]
-    from .flops import count_flops
-    from .unet import UNet, apply_activation_checkpointing
-    with torch.device("meta"):
-        model = UNet(w.unet)
-    numels = [p.numel() for p in model.parameters() if p.requires_grad]
-    largest = max(sum(p.numel() for p in m.parameters()) for m in model.modules()
-                  if type(m).__name__ in ("ResBlock", "SpatialTransformer"))
-    f = count_flops(lambda: UNet(w.unet), tuple(w.input_shape), tuple(w.context))
-    executed = f["fwd_bwd"]
-    if w.ckpt_kind != "none":
-        executed = count_flops(lambda: apply_activation_checkpointing(UNet(w.unet), w.ckpt_kind),
-                               tuple(w.input_shape), tuple(w.context))["fwd_bwd"]
-    out = {"params": sum(numels), "numels": numels, "largest_block_params": largest,
-           "flops_fwd": f["fwd"], "flops_fwd_bwd": f["fwd_bwd"], "flops_executed": executed}
-    _FACTS[key] = out
-    return out
+    parameters (ZeRO-3's gathered working set), and (flops=True) FLOPs per image: model fwd,
+    fwd+bwd (the bench's count) and the fwd+bwd executed with w's activation checkpointing
+    (recomputation included). Counted on the meta device; cached per UNet config and input."""
+    ukey = _unet_key(w.unet)
+    if ukey not in _FACTS:
+        from .unet import UNet
+        with torch.device("meta"):
+            model = UNet(w.unet)
+        numels = [p.numel() for p in model.parameters() if p.requires_grad]
+        largest = max(sum(p.numel() for p in m.parameters()) for m in model.modules()
+                      if type(m).__name__ in ("ResBlock", "SpatialTransformer"))
+        _FACTS[ukey] = {"params": sum(numels), "numels": numels, "largest_block_params": largest}
+    out = dict(_FACTS[ukey])
+    if not flops:
+        return out
+    key = (ukey, tuple(w.input_shape), tuple(w.context), w.ckpt_kind)
+    if key not in _FACTS:
+        from .flops import count_flops
+        from .unet import UNet, apply_activation_checkpointing
+        f = count_flops(lambda: UNet(w.unet), tuple(w.input_shape), tuple(w.context))
+        executed = f["fwd_bwd"]
+        if w.ckpt_kind != "none":
+            executed = count_flops(lambda: apply_activation_checkpointing(UNet(w.unet), w.ckpt_kind),
+                                   tuple(w.input_shape), tuple(w.context))["fwd_bwd"]
+        _FACTS[key] = {"flops_fwd": f["fwd"], "flops_fwd_bwd": f["fwd_bwd"], "flops_executed": executed}
+    return {**out, **_FACTS[key]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +373,7 @@ def activation_profile(w: Workload, probe: str = "auto", record: bool = True) ->
         return None
     mode = probe
     if probe == "auto":     # never the GPU (a trainer may be using it): real CPU tensors when small
-        mode = "cpu" if model_facts(w)["params"] < 20_000_000 else "fake"
+        mode = "cpu" if model_facts(w, flops=False)["params"] < 20_000_000 else "fake"
     dtype = torch.bfloat16 if w.precision == "bf16" else torch.float32
     t0 = time.perf_counter()
     res = probe_activations(w.unet, tuple(w.input_shape), tuple(w.context), dtype,
@@ -641,7 +646,8 @@ def make_plan(w: Workload, c: Cluster, probe: str = "auto", act: Optional[dict] 
                    "runtime": c.runtime_gib * GiB, "usable": usable, "fits": fits,
                    "headroom": usable - mem["peak"] if fits is not None else None},
         "max_micro_batch": maxb,
-        "step": {"compute_s": compute, "comm": comm, "comm_s": comm_s, "exposed_comm_s": exposed,
+        "step": {"compute_s": compute, "comm": comm, "comm_s": comm_s, "overlap": w.overlap,
+                 "exposed_comm_s": exposed,
                  "step_s": step, "step_s_full_overlap": max(compute, comm_s), "mfu": mfu,
                  "mfu_source": mfu_src, "model_mfu": A * B * facts["flops_fwd_bwd"] / step /
                  (c.peak_tflops * 1e12), "images_per_s": ips, "images_per_s_per_gpu": ips / N},
@@ -687,7 +693,7 @@ def predict_rank_memory(cfg: Config, world_size: int, device: Union[str, torch.d
     trainer will hold them. probe: "auto" (table, else a fake-tensor probe, cached), "off"."""
     device = torch.device(device)
     w = _workload_for(cfg, device)
-    facts = model_facts(w)
+    facts = model_facts(w, flops=False)
     act = activation_profile(w, probe)
     return rank_memory(w, world_size, facts, act, "cuda" if device.type == "cuda" else "cpu")
 
@@ -708,7 +714,7 @@ def check_fits(cfg: Config, world_size: int, device: Union[str, torch.device],
     w = _workload_for(cfg, device)
     c = Cluster(name=str(device), nodes=1, gpus_per_node=world_size, memory_gib=total / GiB,
                 runtime_gib=runtime / GiB, device="cuda" if device.type == "cuda" else "cpu")
-    facts = model_facts(w)
+    facts = model_facts(w, flops=False)
     best = max_micro_batch(w, c, facts, activation_profile(w, probe))
     hint = f"engine.micro_batch={best} fits" if best else "even micro batch 1 does not fit"
     other = []
@@ -786,7 +792,7 @@ def format_plan(p: dict) -> str:
     for k, v in s["comm"].items():
         lines.append(f"  {k:<11} {v['s']:.3f} s  ({v['bytes'] / 1e9:,.2f} GB; intra {v['intra_s']:.3f} s, "
                      f"inter {v['inter_s']:.3f} s)")
-    lines += [f"  step        {s['step_s']:.3f} s (overlap {p['step']['exposed_comm_s'] and 1 - s['exposed_comm_s'] / max(1e-12, s['comm_s']) or 0:.0%}); "
+    lines += [f"  step        {s['step_s']:.3f} s ({s['overlap']:.0%} of the communication overlapped); "
               f"full overlap {s['step_s_full_overlap']:.3f} s",
               f"  throughput  {s['images_per_s']:,.1f} images/s ({s['images_per_s_per_gpu']:,.2f} per GPU), "
               f"model FLOPs utilisation {s['model_mfu']:.2f}",
