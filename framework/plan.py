@@ -3,7 +3,7 @@ step time, images/s, time and GPU-hours to a target, checkpoint size, data bandw
 
     plan = make_plan(Workload.from_preset("sd2", latent=(4, 32, 32), micro_batch=32, zero_stage=2),
                      cluster("a100-80x8", nodes=8))
-    plan["memory"]["total"], plan["max_micro_batch"], plan["step"]["images_per_s"]
+    plan["memory"]["peak"], plan["max_micro_batch"], plan["step"]["images_per_s"]
 
 The model (what DeepSpeed 0.19 and ``framework.engine`` hold per rank; P trainable parameters, N
 data-parallel ranks, w bytes per weight: 2 bf16, 4 fp32; "part" = ZeRO's flat partition, ~P/N):
@@ -21,11 +21,14 @@ Every ZeRO stage keeps its own fp32 master partition, even when the model is fp3
 ZeRO-1/2 ``.clone()`` the partition, ZeRO-3's ``fp32_partitioned_groups_flat`` is a separate
 buffer too); only ZeRO-0 in fp32 (a plain torch optimizer) has no master copy. Measured against the
 real engine on 1, 2 and 4 gloo ranks (fp32 and bf16) by ``tests/test_plan.py``
-(``tests/plan_memory_worker.py``).
+(``tests/plan_memory_worker.py``): weights, master, Adam state, EMA, checkpoint bytes. Gradients and
+buckets follow DeepSpeed's source (stage_1_and_2.py, stage3.py); they enter the validation through
+the peak (the largest micro batch against ``tools/bench.py --sections maxbatch``).
 
 Activations per image come from a probe: one forward+backward of the UNet at two micro batches
 under ``torch.distributed._tools.mem_tracker.MemTracker``, on fake tensors (``FakeTensorMode``:
-nothing allocated, nothing computed, SD2 in about a minute on a CPU) or on the current CUDA device,
+nothing allocated, nothing computed, SD2 in minutes on a CPU), on real CPU tensors (small models)
+or on the current CUDA device,
 gradients dropped as they are produced (ZeRO-2/3 move them into buckets). The line through the two
 peaks gives bytes per image and a fixed part. Results are cached in a table: the one shipped
 (``framework/plan_table.json``) and a user file (``$FRAMEWORK_PLAN_CACHE`` or
