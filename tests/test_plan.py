@@ -181,7 +181,7 @@ def test_fake_probe_equals_real_cpu_probe_and_checkpointing_saves():
     assert real["bytes_per_image"] > 6 * 2 ** 20     # the bench's RSS slope: 7.53-7.58 MiB per image
     fake = P.probe_activations(u, (3, 32, 32), (77, 384), torch.float32, False, (1, 2), mode="fake")
     assert real["peaks"] == fake["peaks"]
-    ck = P.probe_activations(u, (3, 32, 32), (77, 384), torch.float32, "all", (1, 2), mode="fake")
+    ck = P.probe_activations(u, (3, 32, 32), (77, 384), torch.float32, "all", (1, 2), mode="cpu")
     assert 0.2 < ck["bytes_per_image"] / real["bytes_per_image"] < 0.45
 
 
@@ -222,6 +222,11 @@ def test_cli_json_and_table(capsys):
     cli.run(args + ["--context", "50"])                   # 50 tokens: in no table, and no probe allowed
     doc = json.loads(capsys.readouterr()[0])
     assert doc["memory"]["fits"] is None and doc["max_micro_batch"]["none"] is None and doc["activations"] is None
+    cli.run(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--override", "unet.context_dim=32",
+             "--cluster", "cpu", "--memory-gib", "1", "--probe", "off", "--json"])    # a run config
+    doc = json.loads(capsys.readouterr()[0])
+    assert doc["workload"]["input"] == [1, 16, 16] and doc["workload"]["context"] == [8, 32]
+    assert doc["workload"]["precision"] == "fp32" and doc["workload"]["micro_batch"] == 4
     with pytest.raises(SystemExit):
         cli.run(["--preset", "tiny", "--zero", "5"])
 
@@ -290,11 +295,12 @@ def test_largest_micro_batch_within_10pct_of_bench(tmp_path):
     out = tmp_path / "mb.jsonl"
     p = subprocess.run([sys.executable, "-m", "tools.bench", "--threads", "1", "--presets", "tiny", "--sections",
                         "maxbatch", "--maxbatch", "train", "--maxbatch-variants", "base", "--no-diffusers",
-                        "--mem-limit-mb", str(limit_mb), "--maxbatch-start", "32", "--maxbatch-probes", "4",
+                        "--mem-limit-mb", str(limit_mb), "--maxbatch-probes", "8",
                         "--out", str(out)],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     rec = [json.loads(ln) for ln in out.read_text().splitlines() if '"maxbatch"' in ln and '"max_batch"' in ln][0]
+    assert rec["first_fail"] and rec["first_fail"] - rec["max_batch"] <= 0.05 * rec["max_batch"], rec   # bracketed
     w = tiny(zero_stage=2)
     plan = P.make_plan(w, P.cluster("cpu", memory_gib=limit_mb / 1024))
     assert abs(plan["max_micro_batch"]["none"] - rec["max_batch"]) <= 0.10 * rec["max_batch"], (plan["max_micro_batch"], rec)
