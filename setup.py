@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Train text-to-image diffusion models at scale: DeepSpeed ZeRO, webdataset, CFG.",
     packages=find_packages(include=["framework", "framework.*", "tools", "tools.*"]),
+    package_data={"framework": ["plan_table.json"]},     # framework.plan: probed activations, MFU
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",            # the Makefile installs torch==2.13.0 (CPU) first on a CPU machine
@@ -27,6 +28,7 @@ setup(
             "fw-sample=tools.sample:main",
             "fw-evaluate=tools.evaluate:main",
             "fw-bench=tools.bench:main",
+            "fw-plan=tools.plan:main",
         ]
     },
 )

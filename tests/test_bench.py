@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from framework.flops import flop_counter
 from tools import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ def test_flop_counter_counts_attention_on_cpu_like_meta():
     assert cpu["fwd"] == meta["fwd"] and cpu["fwd_bwd"] == meta["fwd_bwd"]
     assert 2 * meta["fwd"] < meta["fwd_bwd"] < 3.5 * meta["fwd"]      # backward ~ 2 x forward
     # attention is in there: 2 (QK^T, AV) x 2 FLOP/MAC x heads*d x N x L per layer, L = 77 tokens
-    with bench._flop_counter() as fc:
+    with flop_counter() as fc:
         with torch.device("meta"):
             q = torch.randn(1, 2, 64, 16)
             k = torch.randn(1, 2, 77, 16)

@@ -225,50 +225,13 @@ def set_checkpointing(model, which: str, kind=True) -> None:
 # ---------------------------------------------------------------------------------------------
 # FLOPs
 # ---------------------------------------------------------------------------------------------
-def _flop_counter():
-    """FlopCounterMode that also counts CPU's fused attention (torch registers formulas only for
-    the CUDA kernels, so on a CPU device attention would count 0; on meta it decomposes to bmm).
-    Model FLOPs: no recomputation (activation checkpointing, flash attention's backward) counted."""
-    import torch
-    from torch.utils import flop_counter as fcm
-    def fwd(query, key, value, *args, out_val=None, **kwargs):
-        return fcm.sdpa_flop_count(query.shape, key.shape, value.shape)
-
-    def bwd(grad_out, query, key, value, *args, out_val=None, **kwargs):
-        # model FLOPs: 2 x forward (dQ, dK, dV, dP), as the meta count; torch's formula for the
-        # CUDA flash kernels adds the recomputed QK^T (2.5 x forward)
-        return 2 * fcm.sdpa_flop_count(query.shape, key.shape, value.shape)
-
-    fwd._get_raw = bwd._get_raw = True          # take the tensors as they are (no shape wrapper)
-    custom = {}
-    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", fwd),
-                     ("_scaled_dot_product_flash_attention_for_cpu_backward", bwd)):
-        op = getattr(torch.ops.aten, name, None)
-        if op is not None:
-            custom[op] = fn
-    return fcm.FlopCounterMode(display=False, custom_mapping=custom)
-
-
 def count_flops(preset: str, which: str, batch: int = 1, device: str = "meta", backward: bool = True) -> dict:
-    """FLOPs per image of one forward and (backward=True) one forward+backward of the MSE loss.
-    On the meta device nothing is allocated or computed: the count costs the Python overhead only."""
-    import torch
-    (c, h, w), (L, D) = input_shapes(preset)
-    with torch.device(device):
-        model = build_model(preset, which)
-        x = torch.randn(batch, c, h, w)
-        t = torch.full((batch,), 500, dtype=torch.long)
-        ctx = torch.randn(batch, L, D)
-    with _flop_counter() as fc:
-        with torch.no_grad():
-            model(x, t, ctx=ctx)
-    out = {"fwd": fc.get_total_flops() / batch}
-    if backward:
-        with _flop_counter() as fc:
-            model(x, t, ctx=ctx).float().pow(2).mean().backward()
-        out["fwd_bwd"] = fc.get_total_flops() / batch
-    out["params"] = sum(p.numel() for p in model.parameters())
-    return out
+    """FLOPs per image of one forward and (backward=True) one forward+backward of the MSE loss
+    (``framework.flops.count_flops``, the count ``framework.plan`` uses too). On the meta device
+    nothing is allocated or computed: the count costs the Python overhead only."""
+    from framework.flops import count_flops as count
+    shape, ctx = input_shapes(preset)
+    return count(lambda: build_model(preset, which), shape, ctx, batch=batch, device=device, backward=backward)
 
 
 def flops_record(preset: str, with_diffusers: bool) -> dict:
