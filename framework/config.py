@@ -185,6 +185,10 @@ class SampleConfig:
 @dataclass
 class LogConfig:
     lines: bool = True              # a text line per logged step where stderr is not a terminal (no bar)
+    plan: Literal["off", "tables", "probe"] = "tables"   # the planner's memory per rank (framework/plan.py)
+                                    # next to the measured peak in the first log line, and a warning before
+                                    # step 0 when it says the micro batch will not fit; "probe": measure
+                                    # activations of an unknown model once (seconds, cached), "tables": known only
     jsonl: bool = True
     tensorboard: bool = True        # when installed
 

@@ -351,6 +351,16 @@ class Trainer:
         self.cuda_graphs = e.compile and device.type == "cuda" and e.compile_backend == "inductor" and \
             e.compile_mode in CUDA_GRAPH_MODES
         self.ema = EMA(self.engine.module, zero3=e.zero_stage == 3)
+        # the planner's memory per rank, before step 0: a warning when the micro batch will not fit
+        self.plan_memory = None
+        if cfg.log.plan != "off" and rank == 0:
+            from .plan import check_fits, predict_rank_memory
+            self.plan_memory = predict_rank_memory(cfg, world, device,
+                                                   probe="auto" if cfg.log.plan == "probe" else "off")
+            msg = check_fits(cfg, world, device, memory=self.plan_memory,
+                             local_world=self.denv.local_world_size)
+            if msg:
+                warnings.warn(msg)
 
         # ---- 5. data, noise --------------------------------------------------------------------------
         # with aspect-ratio buckets ranks may hold different shapes in one step: eps per (draw, rank)
@@ -477,6 +487,10 @@ class Trainer:
                                "images_per_s": (self.images - img_last) / max(1e-9, now - t_last)}
                     if first_log:   # once, after the first step created the optimizer state
                         metrics.update(memory_stats(self.engine, e.zero_stage == 3))
+                        if self.plan_memory is not None:    # the plan next to the measured peak
+                            from .plan import log_fields, measured_peak_bytes
+                            metrics.update(log_fields(self.plan_memory, measured_peak_bytes(self.device),
+                                                      self.device))
                         if e.compile:
                             metrics.update(compile_stats())
                         first_log = False

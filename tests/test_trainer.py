@@ -3,6 +3,7 @@ back from the device except what the policy needs, its log says where it is with
 and the deferred non-finite check aborts with a clear message."""
 from __future__ import annotations
 
+import json
 import os
 import traceback
 
@@ -112,6 +113,10 @@ def test_log_lines_without_a_terminal(tmp_path, capsys):
     assert [l.split()[1] for l in lines] == ["2/4", "4/4"], out
     assert "loss " in lines[0] and "img/s" in lines[0] and "eta" in lines[0]
     assert len(result["losses"]) == 4 and all(isinstance(x, float) for x in result["losses"])
+    # the first logged metrics carry the planner's memory per rank next to the measured peak
+    with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    assert first["plan/static_gib"] > 0 and first["memory/peak_gib"] > 0
 
 
 @pytest.mark.gpu
