@@ -1,7 +1,7 @@
 """The aspect-ratio bucket demo: Fashion-MNIST items on wide / tall canvases captioned where they
 are, trained with buckets and with center crop, evaluated by where the classifier finds the item.
 
-    python -m tools.bucket_demo [--steps 600] [--n 8000] [--grid docs/buckets_demo.png]
+    python -m tools.bucket_demo [--steps 1500] [--n 8000] [--grid docs/buckets_demo.png]
 
 Phases: shards (framework.bucket_demo.write_canvas_shards), two training runs of
 configs/bucket_demo.yaml (``python -m framework.train``, 1 process; the second with
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/bucket-demo", help="where the canvas shards go (reused)")
     p.add_argument("--run-dir", default="runs/bucket-demo")
     p.add_argument("--n", type=int, default=8000, help="training canvases")
-    p.add_argument("--steps", type=int, default=600, help="training steps of each run (batch 32)")
+    p.add_argument("--steps", type=int, default=1500, help="training steps of each run (batch 32)")
     p.add_argument("--per-prompt", type=int, default=8, help="samples per (class, place) prompt")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--sample-steps", type=int, default=20)
