@@ -433,8 +433,14 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
             _check_widths(cfg, encoder.dim, encoder.pooled_dim, f"text encoder {encoder.path}")
 
     # ---- 4. the trained network: inside zero.Init under ZeRO-3 (no rank holds all of it) --------
+    # [objective hook] task=autoencoder runs through the Objective interface (build_model / setup /
+    # loss / metrics); diffusion and classifier keep the inline code below
+    objective = None
+    if cfg.task == "autoencoder":
+        from .autoencoder import AutoencoderObjective
+        objective = AutoencoderObjective(cfg)
     if model_factory is None:
-        model_factory = build_model_factory(cfg)
+        model_factory = objective.build_model if objective is not None else build_model_factory(cfg)
     # dtype comes from ds_config (passing it hits a precedence bug that picks bf16 on CPU);
     # mem_efficient_linear=False: don't monkey-patch F.linear globally (the encoder uses it too)
     init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False) \
@@ -461,6 +467,8 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
         cfg.engine.compile_backend == "inductor" and cfg.engine.compile_mode in CUDA_GRAPH_MODES
     ema = EMA(engine.module, zero3=cfg.engine.zero_stage == 3)
     sched = D.Schedule.from_config(cfg.diffusion)
+    if objective is not None:   # [objective hook]
+        objective.setup(device, dtype, data)
 
     # ---- 5. data ---------------------------------------------------------------------------------
     noise = NoiseStream(cfg.seed, rank, world, device)
@@ -515,28 +523,32 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
             for _ in range(cfg.engine.grad_accum):
                 # -- batch -> condition (frozen encoder or precomputed) -> null-text dropout
                 batch = next(data_iter)
-                x0 = batch["image"].to(device, non_blocking=True).float()
-                t, eps, u = noise.draw(tuple(x0.shape), sched.T)
-                cond_kwargs = {}
-                if cfg.task == "diffusion":
-                    cond_kwargs = _condition(cfg, batch, encoder, null, u, device, dtype)
-                # -- forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; eps_theta(x_t, t, y)
-                x_t = D.q_sample(sched, x0, t, eps)
-                if cfg.engine.channels_last:
-                    x_t = x_t.contiguous(memory_format=torch.channels_last)
-                if cuda_graphs:     # a new replay: the previous step's graph outputs are dead
-                    torch.compiler.cudagraph_mark_step_begin()
-                out = forward(x_t.to(dtype), t, **cond_kwargs).float()
-                if cfg.task == "classifier":
-                    # -- noisy classifier p(y | x_t, t): cross-entropy on the noised image
-                    # (labels: json `label`, or classifier.class_names matched in the captions)
-                    from .classifier import batch_labels
-                    per_sample = torch.nn.functional.cross_entropy(
-                        out, batch_labels(batch, cfg.classifier).to(device), reduction="none")
+                if objective is not None:   # [objective hook] the Objective owns the per-sample loss
+                    per_sample = objective.loss(forward, batch, noise)
                 else:
-                    # -- L_simple per sample (or the configured prediction / weighting), mean
-                    per_sample = D.training_loss(sched, out, x0, t, eps, prediction=cfg.diffusion.prediction,
-                                                 min_snr_gamma=cfg.diffusion.min_snr_gamma)
+                    x0 = batch["image"].to(device, non_blocking=True).float()
+                    t, eps, u = noise.draw(tuple(x0.shape), sched.T)
+                    cond_kwargs = {}
+                    if cfg.task == "diffusion":
+                        cond_kwargs = _condition(cfg, batch, encoder, null, u, device, dtype)
+                    # -- forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; eps_theta(x_t, t, y)
+                    x_t = D.q_sample(sched, x0, t, eps)
+                    if cfg.engine.channels_last:
+                        x_t = x_t.contiguous(memory_format=torch.channels_last)
+                    if cuda_graphs:     # a new replay: the previous step's graph outputs are dead
+                        torch.compiler.cudagraph_mark_step_begin()
+                    out = forward(x_t.to(dtype), t, **cond_kwargs).float()
+                    if cfg.task == "classifier":
+                        # -- noisy classifier p(y | x_t, t): cross-entropy on the noised image
+                        # (labels: json `label`, or classifier.class_names matched in the captions)
+                        from .classifier import batch_labels
+                        per_sample = torch.nn.functional.cross_entropy(
+                            out, batch_labels(batch, cfg.classifier).to(device), reduction="none")
+                    else:
+                        # -- L_simple per sample (or the configured prediction / weighting), mean
+                        per_sample = D.training_loss(sched, out, x0, t, eps,
+                                                     prediction=cfg.diffusion.prediction,
+                                                     min_snr_gamma=cfg.diffusion.min_snr_gamma)
                 loss = per_sample.mean()
                 # -- agree across ranks: loss for the log, non-finite, stop signal
                 flags = torch.tensor([loss.detach().float().item(), float(not torch.isfinite(loss)),
@@ -575,6 +587,8 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
                 now = time.perf_counter()
                 metrics = {"loss": loss_val, "lr": lr_sched.get_last_lr()[0], "images_seen": images,
                            "images_per_s": (images - img_last) / max(1e-9, now - t_last)}
+                if objective is not None:   # [objective hook]
+                    metrics.update(objective.metrics())
                 if not memory_logged:   # once, after the first step created the optimizer state
                     metrics.update(memory_stats(engine, cfg.engine.zero_stage == 3))
                     if cfg.engine.compile:
