@@ -26,6 +26,8 @@ setup(
             "fw-make-shards=tools.make_shards:main",
             "fw-inspect-shards=tools.inspect_shards:main",
             "fw-precompute-text=tools.precompute_text:main",
+            "fw-precompute-latents=tools.precompute_latents:main",
+            "fw-export-vae=tools.export_vae:main",
             "fw-checkpoint=tools.checkpoint:main",
             "fw-sample=tools.sample:main",
             "fw-evaluate=tools.evaluate:main",

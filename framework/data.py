@@ -3,6 +3,7 @@
     loader = build_loader(cfg.data, batch_size=32, rank=rank, world_size=world, seed=cfg.seed)
     batch = next(loader)      # {"image": (B,C,H,W) in [-1,1], "caption": [...], "key": [...],
                               #  "label": (B,) int64 (-1 if absent), ["ctx" (B,L,D), "ctx_mask" (B,L)]}
+                              # data.latents: "image" is the scaled latent draw z0 (B,c,h,w)
     sd = loader.state_dict()  # small, JSON-able; loader.load_state_dict(sd) continues exactly
 
 No torch.distributed, no deepspeed: rank and world size are passed in.
@@ -83,7 +84,8 @@ __all__ = ["build_loader", "ShardLoader", "DataError", "Shard", "expand_spec", "
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 MANIFEST = "shards.json"
-BAD_REASONS = ("decode", "no_image", "no_caption", "empty_file", "shape", "no_embedding", "corrupt_tar")
+BAD_REASONS = ("decode", "no_image", "no_caption", "empty_file", "shape", "no_embedding", "corrupt_tar",
+               "no_latent")
 
 
 class DataError(ValueError):
@@ -429,23 +431,30 @@ def _to_image(data: bytes, cfg, rng: random.Random) -> np.ndarray:
     return arr
 
 
-def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tuple] = None) -> dict:
+def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tuple] = None,
+                  latents=None) -> dict:
     """A raw sample -> {"image", "caption", "key", "label"[, "ctx", "ctx_mask", "pooled"]}.
-    Raises ``_Reject(reason)`` for a bad sample."""
+    With ``latents`` (a ``vae.LatentSpec``, data.latents) "image" is a latent draw z0 (c,h,w) from the
+    sample's stored posterior instead of a decoded image. Raises ``_Reject(reason)`` for a bad sample."""
     image_keys = [k.strip().lower() for k in cfg.image_keys.split(";") if k.strip()]
     ext = next((k for k in image_keys if k in sample), None)
-    if ext is None:
+    if ext is None and latents is None:
         raise _Reject("no_image", f"no member of {image_keys}")
     if cfg.caption_key not in sample:
         raise _Reject("no_caption", f"no .{cfg.caption_key}")
-    if len(sample[ext]) == 0 or len(sample[cfg.caption_key]) == 0:
+    if (ext is not None and len(sample[ext]) == 0) or len(sample[cfg.caption_key]) == 0:
         raise _Reject("empty_file", f".{ext if not sample[ext] else cfg.caption_key} is empty")
     caps = _captions_of(sample[cfg.caption_key], cfg.caption_key)
     if not caps:
         raise _Reject("no_caption", "blank caption")
     k = rng.randrange(len(caps)) if len(caps) > 1 else 0
     out: dict[str, Any] = {"key": sample["__key__"], "caption": caps[k], "label": -1}
-    if ext == "npy":
+    if latents is not None:       # [latent path] z0 = scaled draw from the stored posterior (framework/vae.py)
+        try:
+            out["image"] = latents.draw(sample, rng)
+        except ValueError as e:
+            raise _Reject(getattr(e, "reason", "shape"), str(e)) from None
+    elif ext == "npy":
         try:
             arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
         except Exception as e:
@@ -550,6 +559,7 @@ class _Plan:
         self.W = max(1, cfg.num_workers)
         self.C = self.R * self.W
         self.emb_dims = emb_dims
+        self.latents = None           # a vae.LatentSpec with data.latents (set by ShardLoader)
         self.resampled = bool(cfg.resampled)
         self.groups: list[list[list[int]]] = []
         for d, shards in enumerate(datasets):
@@ -731,7 +741,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                     rng = _sample_rng(plan.seed, epoch, p, sample.get("__dataset__", 0),
                                       os.path.basename(sample.get("__url__", "")), sample["__key__"])
                     try:
-                        item = decode_sample(sample, cfg, rng, plan.emb_dims)
+                        item = decode_sample(sample, cfg, rng, plan.emb_dims, plan.latents)
                     except _Reject as r:
                         pos["bad"][r.reason] = pos["bad"].get(r.reason, 0) + 1
                         nbad = sum(pos["bad"].values())
@@ -810,6 +820,10 @@ class ShardLoader:
             emb_dims = (int(infos[0]["L"]), int(infos[0]["D"]))
         weights = [float(w) for w in cfg.weights] if cfg.weights else None
         self.plan = _Plan(cfg, datasets, weights, batch_size, rank, world_size, seed, emb_dims)
+        self.latents = None
+        if getattr(cfg, "latents", False):   # [latent path] precomputed VAE posteriors (framework/vae.py)
+            from .vae import LatentSpec
+            self.latents = self.plan.latents = LatentSpec.from_manifests(manifests, cfg.latent_scaling_factor)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers = max(0, cfg.num_workers)
         self.steps_per_epoch = self.plan.steps_per_epoch

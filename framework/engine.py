@@ -478,6 +478,9 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
         loader = build_loader(cfg.data, cfg.engine.micro_batch, rank, world, cfg.seed)
         if cfg.data.use_embeddings:
             null = loader.null_condition()
+        if cfg.data.latents:    # [latent path] the shards' latents (c,h,w) must fit the UNet
+            from .vae import check_latent_unet
+            check_latent_unet(loader.latents, cfg.unet.in_channels)
     if null is not None:
         null = null.to(device)
 
@@ -601,7 +604,8 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
                 t_last, img_last = now, images
 
             # -- sample grid: every rank takes part (ZeRO-3 forward is collective), rank 0 writes
-            if cfg.engine.sample_every and step % cfg.engine.sample_every == 0 and encoder is not None:
+            if cfg.engine.sample_every and step % cfg.engine.sample_every == 0 and encoder is not None \
+                    and not cfg.data.latents:     # [latent path] grids of latents: decode in the Pipeline
                 _sample_grid(cfg, engine.module, ema, encoder, null, sched, device, dtype, step, rank)
 
             # -- checkpoint (every rank), preemption

@@ -395,6 +395,8 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
     sd = {k: sd[k].to(DTYPES[dtype]) if sd[k].is_floating_point() else sd[k] for k in ref}
 
     null, null_source = _null_condition(cfg)
+    from .latents import add_latent_config, latent_export_info, write_export_vae   # [latent path]
+    latent = latent_export_info(cfg)     # [latent path] the VAE and scaling of a latent model; None: pixels
     summary = {
         "weights": weights, "dtype": dtype, "tag": info["tag"], "step": info["step"],
         "images_seen": info["images_seen"], "world_size": info["world_size"],
@@ -421,6 +423,8 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
         "classifier": {"class_names": list(cfg.classifier.class_names)},
         "export": summary,
     }
+    if latent is not None:               # [latent path]
+        add_latent_config(config, latent)
 
     with ckpt.atomic_dir(out) as tmp:
         files = save_state_dict(sd, tmp, WEIGHTS_NAME, max_shard_size,
@@ -437,6 +441,8 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
             with open(os.path.join(ddir, "config.json"), "w") as f:
                 json.dump(_diffusers_json(cfg), f, indent=2)
             files += [f"unet/{x}" for x in dfiles] + ["unet/config.json"]
+        if latent is not None:           # [latent path] vae/: diffusers layout, the training scaling
+            files += write_export_vae(latent, tmp)
         summary["files"] = files
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False, default_flow_style=None)
@@ -485,6 +491,8 @@ class Pipeline:
     uncond in one batched forward per step (``sampling.cfg_model``). Noise comes from a CPU generator
     seeded with ``seed``, so a seed gives the same images on any device (up to kernel numerics).
     """
+
+    vae = None      # [latent path] a vae.FrozenVAE for a latent model (from_pretrained sets it)
 
     def __init__(self, unet: torch.nn.Module, encoder, null, sched, config: dict, device: torch.device,
                  dtype: torch.dtype, channels_last: bool = False, compile: Union[bool, str] = False,
@@ -549,7 +557,10 @@ class Pipeline:
             raise ValueError(f"null condition {tuple(null.ctx.shape)} does not fit the encoder "
                              f"({tcfg.max_length} tokens x {encoder.dim})")
         sched = Schedule.from_config(from_dict(config["diffusion"], DiffusionConfig))
-        return cls(unet, encoder, null, sched, config, device, dtype, channels_last, compile, compile_backend)
+        pipe = cls(unet, encoder, null, sched, config, device, dtype, channels_last, compile, compile_backend)
+        from .vae import load_export_vae
+        pipe.vae = load_export_vae(path, config, device)    # [latent path] the export's vae/, or None
+        return pipe
 
     # -- pieces ---------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]):
@@ -640,6 +651,8 @@ class Pipeline:
             x0 = ddpm_sample(fn, x_T, self.sched, generator=g, clip_x0=clip_x0, progress=progress)
         else:
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        from .vae import decode_latents
+        x0 = decode_latents(self.vae, x0)     # [latent path] z0 -> images (scaling undone once); else as is
         x0 = x0.float().clamp(-1, 1).cpu()
         if output_type == "pt":
             return x0

@@ -39,7 +39,8 @@ from .config import DataConfig
 from .data import decode_sample, expand_spec, iter_shard_samples
 from .vae import LATENT_MEAN, LATENT_STD, FrozenVAE
 
-__all__ = ["iter_images", "precompute_latents", "RECORDS_DIR"]
+__all__ = ["iter_images", "precompute_latents", "latent_export_info", "add_latent_config", "write_export_vae",
+           "RECORDS_DIR"]
 
 MANIFEST = "shards.json"
 RECORDS_DIR = ".latents"
@@ -226,3 +227,46 @@ def precompute_latents(src: str, out_dir: str, vae: FrozenVAE, data_cfg: DataCon
                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _atomic_json(out_manifest, new)
     return new
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports of latent models: which VAE, which scaling
+# ---------------------------------------------------------------------------------------------
+def latent_export_info(cfg) -> Optional[dict]:
+    """For a run trained on precomputed latents (``cfg.data.latents``): the VAE that made them and the
+    scaling training used, checked. None for a pixel-space run. The VAE is ``cfg.vae.path`` or else
+    the path recorded in the shards' manifest; its weights must be the ones that encoded the shards."""
+    if not getattr(cfg.data, "latents", False):
+        return None
+    from .config import ConfigError
+    from .vae import LatentSpec, weights_digest
+
+    manifests = [expand_spec(u, allow_pipe=cfg.data.allow_pipe)[1] for u in cfg.data.urls]
+    spec = LatentSpec.from_manifests(manifests, cfg.data.latent_scaling_factor)
+    path = cfg.vae.path or spec.vae.get("path", "")
+    if not path or not os.path.isdir(path):
+        raise ConfigError(f"vae.path={path!r}: the VAE that encoded the training latents is needed to export "
+                          f"a latent model (set vae.path to its diffusers AutoencoderKL folder)")
+    digest = weights_digest(path)
+    if spec.vae.get("sha256") and spec.vae["sha256"] != digest:
+        raise ConfigError(f"vae.path={path!r}: its weights (sha256 {digest}) are not those that encoded the "
+                          f"training latents ({spec.vae['sha256']})")
+    return {"vae": "vae", "source": os.path.abspath(path), "sha256": digest, "scaling_factor": spec.scale,
+            "shift_factor": spec.shift, "shape": list(spec.shape),
+            "image_size": int(spec.shape[1]) * int(spec.vae.get("factor", 1))}
+
+
+def add_latent_config(config: dict, latent: dict) -> None:
+    """An export's config.yaml for a latent model: "image" describes the diffusion space (the latent
+    c, h), ``latent`` the VAE folder and the scaling; no x0 clipping (latents are not in [-1, 1])."""
+    config["image"] = {"size": int(latent["shape"][1]), "channels": int(latent["shape"][0])}
+    config["latent"] = {k: v for k, v in latent.items()}
+    config.setdefault("inference", {})["clip_x0"] = None
+
+
+def write_export_vae(latent: dict, out_dir: str) -> list[str]:
+    """``out_dir/vae/``: the VAE (weights byte for byte) with the training scaling in its config.json."""
+    from .vae import save_vae_dir
+    files = save_vae_dir(latent["source"], os.path.join(out_dir, latent["vae"]),
+                         latent["scaling_factor"], latent["shift_factor"])
+    return [f"{latent['vae']}/{f}" for f in files]
