@@ -258,3 +258,28 @@ def test_latent_training_export_and_pipeline_decode(assets, tmp_path):
                       [f"data.urls=['{out}']", "data.latents=true", f"vae.path={other}"])
     with pytest.raises(Exception, match="not those that encoded"):
         latent_export_info(cfg)
+
+
+def test_text_embeddings_compose_with_latents(assets, tmp_path):
+    """tools.precompute_text on a latent shard set keeps the latents (and their manifest entry):
+    the loader then returns z0 and the precomputed caption embeddings, no image, no encoder."""
+    from framework.config import TextConfig
+    from framework.data import build_loader
+    from framework.shards import precompute_text
+    from framework.text import TextEncoder
+
+    out = str(assets["dir"] / "lat")
+    if not os.path.exists(os.path.join(out, "shards.json")):
+        _run(assets, out)
+    enc = TextEncoder(TextConfig(encoder=tiny_encoder(str(tmp_path / "enc")), max_length=8), device="cpu")
+    emb = str(tmp_path / "lat_emb")
+    m = precompute_text(out, emb, enc, {"encoder": "tiny"})
+    assert m["latents"]["shape"] == [4, 8, 8] and m["embeddings"]["L"] == 8
+    cfg = DataConfig(urls=[emb], latents=True, use_embeddings=True, num_workers=0, shuffle_buffer=0,
+                     shardshuffle=False)
+    loader = build_loader(cfg, 4, 0, 1, seed=0)
+    b = next(loader)
+    plain = next(build_loader(DataConfig(**{**cfg.__dict__, "urls": [out], "use_embeddings": False}), 4, 0, 1, 0))
+    assert b["key"] == plain["key"] and torch.equal(b["image"], plain["image"])
+    assert b["ctx"].shape == (4, 8, enc.dim) and b["ctx_mask"].shape == (4, 8)
+    torch.testing.assert_close(b["ctx"], enc.encode(b["caption"]).ctx.half().float(), rtol=0, atol=0)
