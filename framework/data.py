@@ -443,7 +443,7 @@ def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tupl
     if cfg.caption_key not in sample:
         raise _Reject("no_caption", f"no .{cfg.caption_key}")
     if (ext is not None and len(sample[ext]) == 0) or len(sample[cfg.caption_key]) == 0:
-        raise _Reject("empty_file", f".{ext if not sample[ext] else cfg.caption_key} is empty")
+        raise _Reject("empty_file", f".{ext if ext is not None and not sample[ext] else cfg.caption_key} is empty")
     caps = _captions_of(sample[cfg.caption_key], cfg.caption_key)
     if not caps:
         raise _Reject("no_caption", "blank caption")
