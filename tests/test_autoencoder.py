@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from framework.autoencoder import AutoencoderObjective, KLAutoencoder, autoencoder_loss, psnr
-from framework.config import AutoencoderConfig, load_config
+from framework.config import load_config
 from tests._fixtures import write_shards
 from tests._trained import env as _env
 

@@ -4,7 +4,6 @@ exactly once on the way in and undone exactly once on the way out."""
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import numpy as np
