@@ -156,6 +156,19 @@ def test_loader_draws_latents_exactly_and_resumes(assets):
     # an overridden scaling factor is used instead of the recorded one
     b2 = next(build_loader(DataConfig(**{**cfg.__dict__, "latent_scaling_factor": 1.0}), 3, 0, 1, seed=5))
     np.testing.assert_allclose(b2["image"].numpy(), b["image"].numpy() / 0.5, rtol=1e-6, atol=1e-6)
+    # a sample's draw depends on (seed, epoch, shard, key) only: 2 ranks draw what 1 rank draws
+    def epoch0(rank, world, batch):
+        ld = build_loader(DataConfig(**{**cfg.__dict__, "shardshuffle": True}), batch, rank, world, seed=2)
+        got = {}
+        for _ in range(ld.steps_per_epoch):
+            bb = next(ld)
+            got.update({k: bb["image"][i] for i, k in enumerate(bb["key"])})
+        return got
+    one = epoch0(0, 1, 2)
+    two = {**epoch0(0, 2, 1), **epoch0(1, 2, 1)}
+    assert len(two) >= 8 and set(two) <= set(one)
+    for k in two:
+        assert torch.equal(two[k], one[k]), k
     # exact resume with 2 workers: the batches after a saved position equal an uninterrupted run's
     wcfg = DataConfig(**{**cfg.__dict__, "num_workers": 2, "shuffle_buffer": 4, "shardshuffle": True})
     a = build_loader(wcfg, 2, 0, 1, seed=1)
