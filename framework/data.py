@@ -3,6 +3,7 @@
     loader = build_loader(cfg.data, batch_size=32, rank=rank, world_size=world, seed=cfg.seed)
     batch = next(loader)      # {"image": (B,C,H,W) in [-1,1], "caption": [...], "key": [...],
                               #  "label": (B,) int64 (-1 if absent), ["ctx" (B,L,D), "ctx_mask" (B,L)]}
+                              # data.latents: "image" is the scaled latent draw z0 (B,c,h,w)
     sd = loader.state_dict()  # small, JSON-able; loader.load_state_dict(sd) continues exactly
 
 No torch.distributed, no deepspeed: rank and world size are passed in.
@@ -104,7 +105,8 @@ __all__ = ["build_loader", "ShardLoader", "DataError", "Shard", "expand_spec", "
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
-BAD_REASONS = ("decode", "no_image", "no_caption", "empty_file", "shape", "no_embedding", "corrupt_tar")
+BAD_REASONS = ("decode", "no_image", "no_caption", "empty_file", "shape", "no_embedding", "corrupt_tar",
+               "no_latent")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,25 +196,32 @@ def _to_bucket_image(data: bytes, cfg, rng: random.Random, buckets: Sequence) ->
 
 
 def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tuple] = None,
-                  caption_lines: bool = False, buckets: Optional[Sequence] = None) -> dict:
+                  caption_lines: bool = False, buckets: Optional[Sequence] = None, latents=None) -> dict:
     """A raw sample -> {"image", "caption", "key", "label"[, "ctx", "ctx_mask", "pooled"]}.
     ``caption_lines``: the .txt holds one caption per line. ``buckets`` ((h, w) pixels, aspect-ratio
     buckets on): the image goes to its nearest-aspect bucket and the sample gets "bucket" (h, w) and
-    "size_cond". Raises ``_Reject(reason)`` for a bad sample."""
+    "size_cond". ``latents`` (a ``vae.LatentSpec``, data.latents): "image" is a latent draw z0 (c,h,w)
+    from the sample's stored posterior instead of a decoded image. Raises ``_Reject(reason)`` for a
+    bad sample."""
     image_keys = [k.strip().lower() for k in cfg.image_keys.split(";") if k.strip()]
     ext = next((k for k in image_keys if k in sample), None)
-    if ext is None:
+    if ext is None and latents is None:
         raise _Reject("no_image", f"no member of {image_keys}")
     if cfg.caption_key not in sample:
         raise _Reject("no_caption", f"no .{cfg.caption_key}")
-    if len(sample[ext]) == 0 or len(sample[cfg.caption_key]) == 0:
-        raise _Reject("empty_file", f".{ext if not sample[ext] else cfg.caption_key} is empty")
+    if (ext is not None and len(sample[ext]) == 0) or len(sample[cfg.caption_key]) == 0:
+        raise _Reject("empty_file", f".{ext if ext is not None and not sample[ext] else cfg.caption_key} is empty")
     caps = sample_captions(sample, cfg.caption_key, caption_lines)
     if not caps:
         raise _Reject("no_caption", "blank caption")
     k = rng.randrange(len(caps)) if len(caps) > 1 else 0
     out: dict[str, Any] = {"key": sample["__key__"], "caption": caps[k], "label": -1}
-    if ext == "npy":
+    if latents is not None:       # z0 = scaled draw from the stored posterior (framework/vae.py)
+        try:
+            out["image"] = latents.draw(sample, rng)
+        except ValueError as e:
+            raise _Reject(getattr(e, "reason", "shape"), str(e)) from None
+    elif ext == "npy":
         try:
             arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
         except Exception as e:
@@ -356,6 +365,7 @@ class _Plan:
         self.W = max(1, cfg.num_workers)
         self.C = self.R * self.W
         self.emb_dims = emb_dims
+        self.latents = None           # a vae.LatentSpec with data.latents (set by ShardLoader)
         self.caption_lines = caption_lines or [False] * len(datasets)
         self.resampled = bool(cfg.resampled)
         bcfg = getattr(cfg, "buckets", None)
@@ -730,7 +740,8 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         plan = self.plan
         p, d = sample.get("__pass__", 0), sample.get("__dataset__", 0)
         rng = _sample_rng(plan.seed, epoch, p, d, os.path.basename(sample.get("__url__", "")), sample["__key__"])
-        return decode_sample(sample, plan.cfg, rng, plan.emb_dims, plan.caption_lines[d], plan.buckets or None)
+        return decode_sample(sample, plan.cfg, rng, plan.emb_dims, plan.caption_lines[d], plan.buckets or None,
+                             plan.latents)
 
     # -- aspect-ratio buckets --------------------------------------------------------------------
     def _run_buckets(self, w: int, pos: dict) -> Iterator[dict]:
@@ -853,6 +864,10 @@ class ShardLoader:
                          for m in manifests]
         weights = [float(w) for w in cfg.weights] if cfg.weights else None
         self.plan = _Plan(cfg, datasets, weights, batch_size, rank, world_size, seed, emb_dims, caption_lines)
+        self.latents = None
+        if cfg.latents:               # precomputed VAE posteriors (framework/vae.py, tools/precompute_latents)
+            from .vae import LatentSpec
+            self.latents = self.plan.latents = LatentSpec.from_manifests(manifests, cfg.latent_scaling_factor)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers = max(0, cfg.num_workers)
         self.steps_per_epoch = self.plan.steps_per_epoch

@@ -372,6 +372,9 @@ class Trainer:
             from .data import build_loader
             self.loader = build_loader(cfg.data, e.micro_batch, rank, world, cfg.seed)
             print0(self.loader.summary())     # shards, samples, steps, what is left out per epoch
+            if cfg.data.latents:      # the shards' latents (c, h, w) must fit the UNet
+                from .vae import check_latent_unet
+                check_latent_unet(self.loader.latents, cfg.unet.in_channels)
         self.objective.setup(device, self.dtype, self.loader if self.loader is not None else data)
 
         # ---- 6. resume ---------------------------------------------------------------------------------

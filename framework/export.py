@@ -43,6 +43,7 @@ from . import checkpoint as ckpt
 from .config import Config, from_dict
 from .ema import EMA
 from .files import atomic_dir
+from .latents import add_latent_config, latent_export_info, write_export_vae
 from .pipeline import Pipeline, network_fn
 from .weights import (DIFFUSERS_NAME, DTYPES, FORMAT, WEIGHTS_NAME, load_state_dict_dir, parse_size,
                       save_state_dict, save_tensors)
@@ -323,6 +324,7 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
     sd = {k: sd[k].to(DTYPES[dtype]) if sd[k].is_floating_point() else sd[k] for k in ref}
 
     null, null_source = _null_condition(cfg)
+    latent = latent_export_info(cfg)     # the VAE and scaling of a latent model; None: pixels
     summary = {
         "weights": weights, "dtype": dtype, "tag": info["tag"], "step": info["step"],
         "images_seen": info["images_seen"], "world_size": info["world_size"],
@@ -349,6 +351,8 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
         "classifier": {"class_names": list(cfg.classifier.class_names)},
         "export": summary,
     }
+    if latent is not None:
+        add_latent_config(config, latent)
 
     def extra(tmp: str) -> list[str]:
         nd = {"ctx": null.ctx.float().contiguous(), "mask": null.mask.bool().contiguous()}
@@ -363,6 +367,8 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
             with open(os.path.join(ddir, "config.json"), "w") as f:
                 json.dump(_diffusers_json(cfg), f, indent=2)
             files += [f"unet/{x}" for x in dfiles] + ["unet/config.json"]
+        if latent is not None:           # vae/: diffusers layout, the training scaling
+            files += write_export_vae(latent, tmp)
         return files
 
     write_inference_dir(out, sd, config, max_shard_size,

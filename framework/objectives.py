@@ -151,7 +151,7 @@ class DiffusionObjective(_NoisedImages):
     def sample_grid(self, module: torch.nn.Module, ema, step: int, rank: int) -> Optional[str]:
         """DDIM samples of cfg.sample.prompts with the EMA weights, every rank taking part (ZeRO-3's
         forward is collective); rank 0 writes RUN/samples/stepN.png. Needs the text encoder."""
-        if self.encoder is None:
+        if self.encoder is None or self.cfg.data.latents:   # latents: the Pipeline decodes them
             return None
         from .images import save_grid
         from .pipeline import guided_sample, network_fn
@@ -198,12 +198,19 @@ class ClassifierObjective(_NoisedImages):
         return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
 
 
-OBJECTIVES: dict[str, Any] = {"diffusion": DiffusionObjective, "classifier": ClassifierObjective}
+def _autoencoder(cfg: Config):
+    from .autoencoder import AutoencoderObjective   # imports diffusers: only for this task
+    return AutoencoderObjective(cfg)
+
+
+OBJECTIVES: dict[str, Any] = {"diffusion": DiffusionObjective, "classifier": ClassifierObjective,
+                              "autoencoder": _autoencoder}
 
 
 def build_objective(cfg: Config):
     """The objective of cfg.task."""
     try:
-        return OBJECTIVES[cfg.task](cfg)
+        make = OBJECTIVES[cfg.task]
     except KeyError:
         raise ConfigError(f"task={cfg.task!r}: expected one of {sorted(OBJECTIVES)}") from None
+    return make(cfg)

@@ -19,6 +19,7 @@ from .sampling import cfg_model, ddim_sample, ddpm_sample
 from .text import Condition, TextEncoder, cast_floats
 from .buckets import size_cond
 from .unet import CUDA_GRAPH_MODES, UNet, check_size, compile_for_inference
+from .vae import decode_latents, load_export_vae
 from .weights import DTYPES, FORMAT, WEIGHTS_NAME, load_state_dict_dir
 
 __all__ = ["Pipeline", "network_fn", "guided_sample", "ModelFn"]
@@ -84,6 +85,8 @@ class Pipeline:
     seeded with ``seed``, so a seed gives the same images on any device (up to kernel numerics).
     """
 
+    vae = None      # a vae.FrozenVAE for a latent model (from_pretrained sets it)
+
     def __init__(self, unet: torch.nn.Module, encoder, null, sched, config: dict, device: torch.device,
                  dtype: torch.dtype, channels_last: bool = False, compile: Union[bool, str] = False,
                  compile_backend: str = "inductor"):
@@ -143,7 +146,9 @@ class Pipeline:
             raise ValueError(f"null condition {tuple(null.ctx.shape)} does not fit the encoder "
                              f"({tcfg.max_length} tokens x {encoder.dim})")
         sched = Schedule.from_config(from_dict(config["diffusion"], DiffusionConfig))
-        return cls(unet, encoder, null, sched, config, device, dtype, channels_last, compile, compile_backend)
+        pipe = cls(unet, encoder, null, sched, config, device, dtype, channels_last, compile, compile_backend)
+        pipe.vae = load_export_vae(path, config, device)    # the export's vae/, or None (pixels)
+        return pipe
 
     # -- shapes ---------------------------------------------------------------------------------------
     @property
@@ -272,6 +277,7 @@ class Pipeline:
                            steps=int(steps), eta=float(eta), generator=g, prediction=self.prediction,
                            clip_x0=clip_x0, progress=progress,
                            model_wrapper=None if model_wrapper is None else (lambda fn: model_wrapper(fn, prompts)))
+        x0 = decode_latents(self.vae, x0)     # a latent model: z0 -> images (scaling undone once)
         x0 = x0.float().clamp(-1, 1).cpu()
         if output_type == "pt":
             return x0
