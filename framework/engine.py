@@ -310,8 +310,11 @@ class _Logger:
         if self.rank != 0:
             return
         if self.f:
-            self.f.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.f.flush()
+            try:
+                self.f.write(json.dumps({"step": step, **metrics}) + "\n")
+                self.f.flush()
+            except OSError as e:     # [ckpt-errors] a full disk must not kill rank 0 mid-step
+                warnings.warn(f"metrics.jsonl: {e}; metrics of step {step} are not logged")
         if self.tb:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -352,26 +355,90 @@ def _checkpoint_meta(cfg: Config, denv, step: int, images: int, ema: Optional[EM
             "images_seen": images, "task": cfg.task, **(ema.meta() if ema else {})}
 
 
+def _broadcast_from_rank0(obj):
+    """rank 0's ``obj`` on every rank (a collective: every rank calls it)."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def save_checkpoint(engine, cfg: Config, denv, step: int, images: int, ema: Optional[EMA],
                     rank_state: dict) -> str:
-    """Every rank calls this (a rank-0-only save hangs DeepSpeed). Atomic: see checkpoint.py."""
+    """Every rank calls this (a rank-0-only save hangs DeepSpeed). Atomic: see checkpoint.py.
+
+    A write that fails on any rank (disk full, quota, I/O error) is recorded, not raised, so that
+    the rank still takes part in every collective of the save; then the ranks vote. If any rank
+    failed, rank 0 removes the temporary directory and every rank raises ``CheckpointWriteError``:
+    the previous checkpoint and ``latest`` are untouched."""
     import torch.distributed as dist
     directory = ckpt.ckpt_dir(cfg.run_dir)
     tmp_tag = ckpt.tmp_tag_for(step)
     tmp_dir = os.path.join(directory, tmp_tag)
     client = {"step": step, "images_seen": images, "config": to_dict(cfg),
               "world_size": denv.world_size}
-    engine.save_checkpoint(directory, tag=tmp_tag, client_state=client, save_latest=False)
-    torch.save(rank_state, ckpt.rank_file(tmp_dir, denv.rank))
+    rec = ckpt.WriteRecorder(denv.rank)
+    if denv.rank == 0:   # leftovers of a save killed at this step; DeepSpeed's first barrier orders it
+        ckpt.discard_tmp(directory, step)
+    # DeepSpeed (0.19) writes through checkpoint_engine.makedirs/save and copies its recovery
+    # scripts between a barrier before and one after; recording their failures keeps this rank
+    # in step with those barriers.
+    ce = engine.checkpoint_engine
+    ce_save, ce_makedirs = ce.save, ce.makedirs
+    ce.save = rec.wrap("writing a DeepSpeed file", ce_save)
+    ce.makedirs = rec.wrap("creating the checkpoint directory", ce_makedirs)
+    engine._copy_recovery_script = rec.wrap("copying DeepSpeed's recovery scripts",
+                                            engine._copy_recovery_script)
+    try:
+        engine.save_checkpoint(directory, tag=tmp_tag, client_state=client, save_latest=False)
+    finally:
+        ce.save, ce.makedirs = ce_save, ce_makedirs
+        del engine._copy_recovery_script
+    rec.run("writing the RNG/data state", torch.save, rank_state, ckpt.rank_file(tmp_dir, denv.rank))
     if ema is not None and (ema.zero3 or denv.rank == 0):
-        torch.save(ema.state_dict(), ckpt.ema_file(tmp_dir, denv.rank))
-    dist.barrier()
+        rec.run("writing the EMA", torch.save, ema.state_dict(), ckpt.ema_file(tmp_dir, denv.rank))
+    # -- the vote (it is the barrier too): every rank learns every rank's failure
+    errors: list = [None] * denv.world_size
+    dist.all_gather_object(errors, rec.error)
+    failed = [e for e in errors if e]
     final = os.path.join(directory, ckpt.tag_for(step))
+    if not failed and denv.rank == 0:   # seal: manifest, rename, latest
+        rec.run("sealing the checkpoint", ckpt.finalize, directory, step,
+                _checkpoint_meta(cfg, denv, step, images, ema))
+        failed = [rec.error] if rec.error else []
+    failed = _broadcast_from_rank0(failed)
+    if failed:
+        if denv.rank == 0:
+            ckpt.discard_tmp(directory, step)
+        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise ckpt.CheckpointWriteError(
+            f"checkpoint at step {step} could not be written to {directory}: {failed[0]}{more}; "
+            f"the previous checkpoint and 'latest' are kept")
     if denv.rank == 0:
-        ckpt.finalize(directory, step, _checkpoint_meta(cfg, denv, step, images, ema))
-        ckpt.prune(directory, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
-    dist.barrier()
+        try:
+            ckpt.prune(directory, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        except OSError as e:
+            warnings.warn(f"pruning old checkpoints in {directory} failed: {e}")
     return final
+
+
+def checkpoint_or_report(save: Callable[[], str], cfg: Config, step: int, log) -> Optional[str]:
+    """One checkpoint of the loop, timed: metric ``checkpoint/write_s``. A failed write raises
+    (checkpoint.on_write_error=abort) or is reported and training goes on (continue)."""
+    t0 = time.perf_counter()
+    try:
+        path = save()
+    except ckpt.CheckpointWriteError as e:
+        if cfg.checkpoint.on_write_error == "abort":
+            raise
+        print0(f"warning: {e}; training goes on (checkpoint.on_write_error=continue), next try at "
+               f"step {step + cfg.checkpoint.every}" if cfg.checkpoint.every else f"warning: {e}")
+        log(step, {"checkpoint/failed": 1, "checkpoint/write_s": time.perf_counter() - t0})
+        return None
+    log(step, {"checkpoint/write_s": time.perf_counter() - t0})
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,8 +448,21 @@ class TrainResult(dict):
     """step, images_seen, losses (per logged step), stopped_by_signal, checkpoint."""
 
 
+# [runlock] >>> one trainer per run directory: rank 0 holds RUN/trainer.lock for the whole run
 def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
           stop: Optional[StopFlag] = None) -> TrainResult:
+    from .runlock import job_lock
+    device_kind = cfg.engine.device if cfg.engine.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    denv = init_distributed(device_kind)
+    _device(device_kind, denv.local_rank)      # the current CUDA device, for the broadcast
+    with job_lock(cfg.run_dir, denv.rank, share=_broadcast_from_rank0):
+        return _train(cfg, data, model_factory, stop)
+# [runlock] <<<
+
+
+def _train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
+           stop: Optional[StopFlag] = None) -> TrainResult:
     import deepspeed
     import torch.distributed as dist
 
@@ -476,9 +556,15 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
     # ---- 6. resume -----------------------------------------------------------------------------
     step, images = 0, 0
     if resume_dir:
-        path, _client = engine.load_checkpoint(os.path.dirname(load_dir), tag=os.path.basename(load_dir))
+        try:   # [ckpt-errors] an unreadable file (complete.json and sizes fine, bytes not) -> one line
+            path, _client = engine.load_checkpoint(os.path.dirname(load_dir), tag=os.path.basename(load_dir))
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+            raise ckpt.CheckpointError(
+                f"cannot load checkpoint {load_dir} ({type(e).__name__}: {str(e).strip()[:200]}); resume "
+                f"from an older one with checkpoint.resume=TAG (complete: "
+                f"{', '.join(ckpt.complete_tags(directory))})") from e
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {load_dir}")
+            raise ckpt.CheckpointError(f"DeepSpeed could not load {load_dir}")
         step, images = int(resume_meta["step"]), int(resume_meta["images_seen"])
         shard_files = [ckpt.ema_file(resume_dir, r) for r in range(resume_meta["world_size"])]
         shards = [torch.load(f, map_location="cpu", weights_only=True)
@@ -594,7 +680,9 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
             stopping = flags[2] > 0
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or \
                     (stopping and cfg.checkpoint.save_on_exit):
-                result["checkpoint"] = save_checkpoint(engine, cfg, denv, step, images, ema, rank_state())
+                result["checkpoint"] = checkpoint_or_report(   # [ckpt-errors] timed, on_write_error
+                    lambda: save_checkpoint(engine, cfg, denv, step, images, ema, rank_state()),
+                    cfg, step, logger.log) or result["checkpoint"]
                 last_ckpt_step = step
             if stopping:
                 print0(f"signal {stop.signum}: checkpointed at step {step}, exiting")
@@ -602,7 +690,9 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
                 break
         else:
             if cfg.checkpoint.save_on_exit and last_ckpt_step != step and cfg.checkpoint.every:
-                result["checkpoint"] = save_checkpoint(engine, cfg, denv, step, images, ema, rank_state())
+                result["checkpoint"] = checkpoint_or_report(   # [ckpt-errors] timed, on_write_error
+                    lambda: save_checkpoint(engine, cfg, denv, step, images, ema, rank_state()),
+                    cfg, step, logger.log) or result["checkpoint"]
     finally:
         stop.restore()
         logger.close()
