@@ -293,6 +293,11 @@ class _Logger:
     def __init__(self, run_dir: str, cfg: Config, rank: int, total: int, start: int):
         self.rank = rank
         self.f = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 and cfg.log.jsonl else None
+        if self.f and self.f.tell() > 0:   # [ckpt-errors] a line cut short by a kill: end it, start anew
+            with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    self.f.write("\n")
         self.tb = None
         if rank == 0 and cfg.log.tensorboard:
             try:
@@ -558,9 +563,10 @@ def _train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
     if resume_dir:
         try:   # [ckpt-errors] an unreadable file (complete.json and sizes fine, bytes not) -> one line
             path, _client = engine.load_checkpoint(os.path.dirname(load_dir), tag=os.path.basename(load_dir))
-        except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError) as e:
             raise ckpt.CheckpointError(
-                f"cannot load checkpoint {load_dir} ({type(e).__name__}: {str(e).strip()[:200]}); resume "
+                f"cannot load checkpoint {load_dir} ({type(e).__name__}: {str(e).strip()[:200] or 'in the loader'});"
+                f" resume "
                 f"from an older one with checkpoint.resume=TAG (complete: "
                 f"{', '.join(ckpt.complete_tags(directory))})") from e
         if path is None:

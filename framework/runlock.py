@@ -33,7 +33,7 @@ import time
 import warnings
 from typing import Callable, Optional
 
-__all__ = ["RunLock", "RunLockError", "LOCK_NAME", "job_lock"]
+__all__ = ["RunLock", "RunLockError", "RunDirError", "LOCK_NAME", "job_lock"]
 
 LOCK_NAME = "trainer.lock"
 STALE_S = 300.0        # another host's lock without a heartbeat for this long is stale
@@ -42,6 +42,10 @@ HEARTBEAT_S = 30.0
 
 class RunLockError(RuntimeError):
     """Another live trainer holds the run directory."""
+
+
+class RunDirError(RunLockError):
+    """The run directory cannot hold a lock at all (not a directory, not writable, ...)."""
 
 
 def _proc_start(pid: int) -> Optional[int]:
@@ -142,7 +146,7 @@ class RunLock:
         try:
             return self._acquire()
         except OSError as e:     # e.g. an unwritable run_dir: say so in one line
-            raise RunLockError(f"run_dir {self.run_dir}: cannot create {self.path} ({e.strerror or e})") from e
+            raise RunDirError(f"run_dir {self.run_dir}: cannot create {self.path} ({e.strerror or e})") from e
 
     def _acquire(self) -> "RunLock":
         os.makedirs(self.run_dir, exist_ok=True)
@@ -216,21 +220,22 @@ class RunLock:
 @contextlib.contextmanager
 def job_lock(run_dir: str, rank: int, share: Optional[Callable[[Optional[str]], Optional[str]]] = None,
              **kw):
-    """The lock for a whole job: rank 0 takes it, the other ranks none. ``share(msg)`` sends rank 0's
-    outcome (None, or the refusal's message) to every rank and returns it (a broadcast), so that every
-    rank of a refused job raises ``RunLockError`` instead of waiting for rank 0 in a collective."""
+    """The lock for a whole job: rank 0 takes it, the other ranks none. ``share(x)`` sends rank 0's
+    outcome (None, or the refusal as (error class name, message)) to every rank and returns it (a
+    broadcast), so that every rank of a refused job raises instead of waiting for rank 0 in a
+    collective."""
     lock, err = None, None
     if rank == 0:
         try:
             lock = RunLock(run_dir, **kw).acquire()
         except RunLockError as e:
-            err = str(e)
+            err = (type(e).__name__, str(e))
     if share is not None:
         err = share(err)
     if err is not None:
         if lock is not None:
             lock.release()
-        raise RunLockError(err)
+        raise (RunDirError if err[0] == "RunDirError" else RunLockError)(err[1])
     try:
         yield lock
     finally:

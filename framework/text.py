@@ -196,8 +196,8 @@ def _looks_like_path(name: str) -> bool:
 
 def _encoder_choices() -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-    hub = ("a hub id cannot be downloaded: HF_HUB_OFFLINE=1 (the default of `make`); unset it to download"
-           if offline else "a hub id (downloaded, or from the Hugging Face cache)")
+    hub = ("a hub id from the Hugging Face cache (downloads are off: HF_HUB_OFFLINE=1, as `make` sets it; "
+           "unset it to download)" if offline else "a hub id (downloaded, or from the Hugging Face cache)")
     return (f"text.encoder takes a local directory with a transformers tokenizer and model, "
             f"one of the aliases {', '.join(sorted(ALIASES))}, or {hub}")
 

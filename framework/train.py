@@ -17,11 +17,11 @@ import sys
 import time
 from typing import Optional
 
-# exit status per kind of expected error (1 stays "a bug": a traceback)
-EXIT_CODES = {"ConfigError": 2, "DataError": 3, "RunLockError": 4, "CheckpointWriteError": 5,
-              "CheckpointError": 6, "NonFiniteLossError": 7}
-LABELS = {2: "config error", 3: "data error", 4: "run directory in use", 5: "checkpoint not written",
-          6: "checkpoint unreadable", 7: "training diverged"}
+# exit status and label per kind of expected error, most specific first (1 stays "a bug": a traceback)
+EXIT_CODES = {"ConfigError": (2, "config error"), "DataError": (3, "data error"),
+              "RunDirError": (4, "run directory unusable"), "RunLockError": (4, "run directory in use"),
+              "CheckpointWriteError": (5, "checkpoint not written"),
+              "CheckpointError": (6, "checkpoint unreadable"), "NonFiniteLossError": (7, "training diverged")}
 RANK_LOCAL = (3, 6)      # may concern one rank's shards / files; the others are the same on every rank
 PEER_GRACE_S = 3.0
 
@@ -37,14 +37,14 @@ def _expected_errors() -> tuple:
 
 def report(e: BaseException, rank: int, stop=None) -> int:
     """One line for an expected error; returns the exit status."""
-    name = type(e).__name__
-    code = next((c for n, c in EXIT_CODES.items() if any(k.__name__ == n for k in type(e).__mro__)), 1)
+    code, label = next((EXIT_CODES[k.__name__] for k in type(e).__mro__ if k.__name__ in EXIT_CODES),
+                       (1, type(e).__name__))
     line = " ".join(str(e).split())            # one line, whatever the message held
-    label = LABELS.get(code, name)
     if rank == 0:
         print(f"error: {label}: {line}", file=sys.stderr, flush=True)
     elif code in RANK_LOCAL:
-        # maybe this rank's data (or checkpoint file) alone: speak up unless the launcher stops us (rank 0 failed too)
+        # maybe this rank's data (or checkpoint file) alone: speak up unless the launcher stops
+        # us meanwhile (because rank 0 failed too)
         if stop is not None:
             stop.restore()                     # SIGTERM from the launcher ends us again
         time.sleep(PEER_GRACE_S)
@@ -62,12 +62,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = parse_cli(argv)
     except ConfigError as e:
+        stop.restore()
         return report(e, rank)
     from .engine import train
     try:
         result = train(cfg, stop=stop)
     except _expected_errors() as e:
-        return report(e, rank, stop)
+        stop.restore()
+        return report(e, rank)
     from .dist import print0
     print0(f"done: step {result['step']}, {result['images_seen']} images"
            + (" (stopped by signal, checkpointed)" if result["stopped_by_signal"] else ""))

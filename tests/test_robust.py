@@ -287,19 +287,41 @@ def _bad_inputs(assets, tmp):
         ("checkpoint that is not there", ["checkpoint.resume=step00000099"], 6, "step00000099 does not exist"),
         ("corrupt checkpoint", [f"run_dir={corrupt}", "checkpoint.resume=step00000002"], 6,
          "cannot load checkpoint"),
-        ("unwritable run_dir", [f"run_dir={tmp / 'file' / 'run'}"], 4, "cannot create"),
+        ("unwritable run_dir", [f"run_dir={tmp / 'file' / 'run'}"], 4, "run directory unusable"),
     ]
 
 
+# every case in one process (framework.train.main called once per case): the imports once, not 10x
+BAD_INPUTS_SCRIPT = r"""
+import contextlib, io, json, sys, traceback
+from framework.train import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except BaseException:
+            code, _ = -1, traceback.print_exc(file=err)
+    out.append([code, err.getvalue()])
+print("RESULT" + json.dumps(out))
+"""
+
+
 def test_bad_inputs_give_one_line_and_a_distinct_status(assets, tmp_path):
+    cases = _bad_inputs(assets, tmp_path)
+    argvs = [_args(assets, tmp_path / "run", ["engine.steps=1", *over]) for _, over, _, _ in cases]
+    p = subprocess.run([sys.executable, "-c", BAD_INPUTS_SCRIPT, json.dumps(argvs)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert "RESULT" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+    results = json.loads(p.stdout.split("RESULT", 1)[1])
     rows = []
-    for name, over, code, want in _bad_inputs(assets, tmp_path):
-        p = run(assets, tmp_path / "run", 1, ["engine.steps=1", *over], check=False, timeout=120)
-        err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-        rows.append(f"| {name} | `{' '.join(over)}` | {p.returncode} | {err[0] if err else p.stderr[-300:]} |")
-        assert p.returncode == code, (name, p.returncode, p.stderr[-3000:])
-        assert len(err) == 1 and want in err[0], (name, p.stderr[-3000:])
-        assert "Traceback" not in p.stderr, (name, p.stderr[-3000:])
+    for (name, over, code, want), (got, stderr) in zip(cases, results):
+        err = [line for line in stderr.splitlines() if line.startswith("error:")]
+        rows.append(f"| {name} | `{' '.join(over)}` | {got} | {err[0] if err else stderr[-300:]} |")
+        assert got == code, (name, got, stderr[-3000:])
+        assert len(err) == 1 and want in err[0], (name, stderr[-3000:])
+        assert "Traceback" not in stderr, (name, stderr[-3000:])
     print("\n".join(rows))
 
 

@@ -154,7 +154,7 @@ def test_job_lock_refusal_reaches_every_rank(tmp_path):
         with pytest.raises(RunLockError, match=f"pid {p.pid}"):
             with job_lock(str(tmp_path), 0, share=share):
                 pass
-        assert sent and f"pid {p.pid}" in sent[0]
+        assert sent and f"pid {p.pid}" in sent[0][1]
         with pytest.raises(RunLockError, match=f"pid {p.pid}"):   # rank 1 takes no lock itself
             with job_lock(str(tmp_path), 1, share=lambda msg: sent[0]):
                 pass
@@ -167,5 +167,6 @@ def test_job_lock_refusal_reaches_every_rank(tmp_path):
 
 def test_unwritable_run_dir_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("not a directory")       # fails even for root
-    with pytest.raises(RunLockError, match="run_dir .*file/run: cannot create"):
+    from framework.runlock import RunDirError
+    with pytest.raises(RunDirError, match="run_dir .*file/run: cannot create"):
         RunLock(str(tmp_path / "file" / "run")).acquire()
