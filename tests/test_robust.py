@@ -232,6 +232,8 @@ def test_checkpoint_that_cannot_be_written_keeps_the_previous_one(assets, tmp_pa
     for t in ckpt.complete_tags(ck)[2:]:         # keep the checkpoints of steps 2 and 4
         shutil.rmtree(os.path.join(ck, t))
     ckpt.update_latest(ck, "step00000004")
+    with open(d / "metrics.jsonl", "w") as f:    # as if the run had stopped after step 4
+        f.writelines(json.dumps(m) + "\n" for m in metrics(ref) if m["step"] <= 4)
     before = {f: os.path.getsize(os.path.join(ck, "step00000004", f))
               for f in os.listdir(os.path.join(ck, "step00000004"))}
     entry = tmp_path / "fsize_entry.py"
