@@ -1,13 +1,18 @@
 """Robustness of real training jobs (real `python -m framework.train` under torchrun, 2 ranks, gloo):
 
-- one trainer per run directory: a second job on the same run_dir refuses, on every rank;
+- one trainer per run directory: a second job on the same run_dir refuses (one line, every rank);
 - no orphans: SIGKILL of the torchrun agent alone ends its workers within seconds; the run
-  directory stays consistent and the resumed run is bit-exact with an uninterrupted one;
+  directory stays consistent and the resumed run (taking over the dead job's stale lock) is
+  bit-exact with an uninterrupted one;
 - disk full: a checkpoint that cannot be written (RLIMIT_FSIZE on one rank) leaves the previous
   checkpoint and `latest` intact; abort -> one line, exit 5; continue -> training goes on;
 - clear errors: bad inputs -> one line on stderr, a distinct exit status, no traceback;
-- kill at random points (soak): SIGKILL of the whole job at seeded random moments, including
-  during a checkpoint write, resumed each time; the end equals an uninterrupted run bit for bit.
+- kill at random points (soak): SIGKILL of the whole job at seeded random moments (FW_SOAK_SEED),
+  the first during a checkpoint write, resumed each time; the end equals an uninterrupted run bit
+  for bit (losses of every step, raw and EMA weights), at ZeRO-2 and ZeRO-3.
+
+Every job is a 2-rank torchrun job of the tiny config; an uninterrupted reference per ZeRO stage is
+trained once per session and shared.
 """
 from __future__ import annotations
 
@@ -153,41 +158,30 @@ def reference(assets, tmp_path_factory, stage: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# One trainer per run directory
+# One trainer per run directory; no orphans
 # ---------------------------------------------------------------------------------------------
-def test_second_trainer_on_the_same_run_dir_refuses_on_every_rank(assets, tmp_path):
-    d = tmp_path / "run"
-    first = start(assets, d, 1, ["engine.steps=100000", "checkpoint.every=0"])
-    try:
-        wait_for(lambda: os.path.isfile(d / "metrics.jsonl") and losses(d), what="the first trainer's step",
-                 proc=first)
-        p = run(assets, d, 2, ["engine.steps=2"], check=False, timeout=120)
-        assert p.returncode != 0
-        err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-        assert len(err) == 1, p.stderr[-3000:]          # one line, from rank 0; rank 1 did not hang
-        assert f"pid {first.pid}" in err[0] and "in use by another trainer" in err[0], err
-        assert "exitcode  : 4" in p.stderr
-        assert first.poll() is None                     # the first trainer was not disturbed
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-
-
-# ---------------------------------------------------------------------------------------------
-# No orphans
-# ---------------------------------------------------------------------------------------------
-def test_sigkill_of_the_agent_ends_its_workers_and_the_run_resumes_bit_exact(assets, tmp_path_factory, tmp_path):
+def test_one_trainer_per_run_dir_and_no_orphans_when_the_agent_dies(assets, tmp_path_factory, tmp_path):
     ref = reference(assets, tmp_path_factory, 2)
     d = tmp_path / "run"
     common = ["engine.zero_stage=2", "checkpoint.every=2", "checkpoint.keep_last=2"]
     agent = start(assets, d, 2, common + ["engine.steps=100000"])
     workers: list = []
     try:
-        wait_for(lambda: os.path.isfile(d / "checkpoints" / "step00000004" / "complete.json"),
-                 what="the step-4 checkpoint", proc=agent)
+        wait_for(lambda: os.path.isfile(d / "checkpoints" / "step00000002" / "complete.json"),
+                 what="the step-2 checkpoint", proc=agent)
+        # a second job on the same run_dir refuses, on every rank, naming the holder (rank 0 of the first)
         workers = _workers(agent.pid)
         assert len(workers) == 2
-        agent.send_signal(signal.SIGKILL)               # the agent alone: its workers have their own sessions
+        p = run(assets, d, 2, common + ["engine.steps=2"], check=False, timeout=120)
+        err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+        assert len(err) == 1, p.stderr[-3000:]          # one line, from rank 0; rank 1 did not hang
+        assert "in use by another trainer" in err[0] and any(f"pid {w}" in err[0] for w in workers), err
+        assert "exitcode  : 4" in p.stderr and not _worker_tracebacks(p.stderr), p.stderr[-3000:]
+        assert agent.poll() is None                     # the first job was not disturbed
+        # SIGKILL of the agent alone (its workers have sessions of their own): they must follow it
+        wait_for(lambda: os.path.isfile(d / "checkpoints" / "step00000004" / "complete.json"),
+                 what="the step-4 checkpoint", proc=agent)
+        agent.send_signal(signal.SIGKILL)
         agent.wait()
         t0 = time.time()
         wait_for(lambda: not any(map(_alive, workers)), timeout=10, what="the workers to exit")
@@ -327,21 +321,12 @@ def test_bad_inputs_give_one_line_and_a_distinct_status(assets, tmp_path):
     print("\n".join(rows))
 
 
-def test_bad_input_under_torchrun_is_one_line_not_a_traceback_per_rank(assets, tmp_path):
-    p = run(assets, tmp_path / "run", 2, ["text.encoder=/no/such/dir"], check=False, timeout=120)
-    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "text.encoder=/no/such/dir: no such directory" in err[0], p.stderr[-3000:]
-    assert "minilm-l6" in err[0] and "HF_HUB_OFFLINE" in err[0]
-    # torchrun's own summary follows (the agent's ChildFailedError); no worker traceback in it
-    assert not _worker_tracebacks(p.stderr), p.stderr[-4000:]
-    assert "exitcode  : 2" in p.stderr
-
-
 # ---------------------------------------------------------------------------------------------
 # Kill at random points
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("stage", [2, 3])
-def test_soak_sigkill_at_random_moments_then_resume_equals_uninterrupted(assets, tmp_path_factory, tmp_path, stage):
+@pytest.mark.parametrize("stage,n_kills", [(2, 2), (3, 1)])
+def test_soak_sigkill_at_random_moments_then_resume_equals_uninterrupted(assets, tmp_path_factory, tmp_path,
+                                                                          stage, n_kills):
     seed = int(os.environ.get("FW_SOAK_SEED", "1234")) + stage
     rng = random.Random(seed)
     print(f"soak seed {seed} (FW_SOAK_SEED={seed - stage} reproduces it)")
@@ -363,7 +348,7 @@ def test_soak_sigkill_at_random_moments_then_resume_equals_uninterrupted(assets,
         return cond
 
     kills = []
-    for attempt in range(2):
+    for attempt in range(n_kills):
         done = max(losses(d), default=0) if os.path.isfile(d / "metrics.jsonl") else 0
         t0 = time.time()
         p = start(assets, d, 2, common)
