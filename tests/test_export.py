@@ -40,6 +40,7 @@ def _exact(a: dict, b: dict) -> bool:
 # consolidation
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.distributed
+@pytest.mark.equivalence
 def test_consolidate_zero3_two_ranks_equals_single_process(tmp_path_factory):
     z3 = trained_run(tmp_path_factory, 2, 3)
     z0 = trained_run(tmp_path_factory, 1, 0)
@@ -59,6 +60,7 @@ def test_consolidate_zero3_two_ranks_equals_single_process(tmp_path_factory):
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.equivalence
 def test_consolidate_zero12_two_ranks(tmp_path_factory, tmp_path, stage):
     run = train(assets(tmp_path_factory), str(tmp_path / f"z{stage}"), 2, stage)
     raw0, _ = E.consolidate(trained_run(tmp_path_factory, 1, 0), weights="raw")
@@ -92,6 +94,7 @@ def test_find_checkpoint_skips_an_incomplete_newer_tag(tmp_path_factory, tmp_pat
 # ---------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.equivalence
 def test_export_round_trip_is_exact_and_raw_differs_from_ema(tmp_path_factory, tmp_path):
     run = trained_run(tmp_path_factory, 1, 0)
     ema, _ = E.consolidate(run, weights="ema")
@@ -128,6 +131,7 @@ def test_null_condition_is_the_training_one(tmp_path_factory):
     assert nd["mask"].dtype == torch.bool and "pooled" not in nd
 
 
+@pytest.mark.equivalence
 def test_sharded_export_gives_identical_pipeline_outputs(tmp_path_factory):
     one = exported(tmp_path_factory, 1, 0)
     many = exported(tmp_path_factory, 1, 0, max_shard_size="200KB")

@@ -160,6 +160,7 @@ def reference(assets, tmp_path_factory, stage: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # One trainer per run directory; no orphans
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.equivalence
 def test_one_trainer_per_run_dir_and_no_orphans_when_the_agent_dies(assets, tmp_path_factory, tmp_path):
     ref = reference(assets, tmp_path_factory, 2)
     d = tmp_path / "run"
@@ -325,6 +326,7 @@ def test_bad_inputs_give_one_line_and_a_distinct_status(assets, tmp_path):
 # Kill at random points
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage,n_kills", [(2, 2), (3, 1)])
+@pytest.mark.equivalence
 def test_soak_sigkill_at_random_moments_then_resume_equals_uninterrupted(assets, tmp_path_factory, tmp_path,
                                                                           stage, n_kills):
     seed = int(os.environ.get("FW_SOAK_SEED", "1234")) + stage
