@@ -15,6 +15,9 @@ taken over with a warning:
   The age is measured on the file server's clock: the lock's mtime against the mtime of a file
   touched just now in the same directory, so clock skew between hosts does not matter.
 
+A host is its hostname: two containers that share a hostname and a run directory but not a PID
+namespace would each see the other's holder as gone; give them distinct hostnames.
+
 Creation is atomic: the content is written to a private file, then ``os.link``-ed to the lock path
 (fails if the path exists; atomic on local file systems and on NFS). Check and takeover run under an
 ``fcntl.flock`` of ``RUN/.trainer.lock.guard``, so two trainers racing for a stale lock cannot
