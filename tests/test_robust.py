@@ -117,6 +117,11 @@ def _worker_tracebacks(stderr: str) -> list[str]:
     return [b for b in stderr.split("Traceback (most recent call last)")[1:] if "ChildFailedError" not in b]
 
 
+def _newest_step(run_dir) -> int:
+    tags = ckpt.complete_tags(ckpt.ckpt_dir(str(run_dir)))
+    return int(ckpt.TAG_RE.match(tags[-1]).group(1)) if tags else 0
+
+
 def _latest(run_dir) -> str:
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
         return f.read().strip()
@@ -164,24 +169,28 @@ def reference(assets, tmp_path_factory, stage: int) -> str:
 def test_one_trainer_per_run_dir_and_no_orphans_when_the_agent_dies(assets, tmp_path_factory, tmp_path):
     ref = reference(assets, tmp_path_factory, 2)
     d = tmp_path / "run"
-    common = ["engine.zero_stage=2", "checkpoint.every=2", "checkpoint.keep_last=2"]
-    agent = start(assets, d, 2, common + ["engine.steps=100000"])
+    common = ["engine.zero_stage=2", "checkpoint.every=2", "checkpoint.keep_last=2", f"engine.steps={STEPS}"]
+    agent = start(assets, d, 2, common)
     workers: list = []
     try:
-        wait_for(lambda: os.path.isfile(d / "checkpoints" / "step00000002" / "complete.json"),
-                 what="the step-2 checkpoint", proc=agent)
-        # a second job on the same run_dir refuses, on every rank, naming the holder (rank 0 of the first)
+        wait_for(lambda: _newest_step(d) >= 2, what="a checkpoint", proc=agent)
+        # a second job on the same run_dir refuses, on every rank, naming the holder (rank 0 of the
+        # first); the first job is paused meanwhile (SIGSTOP: alive, holding the lock, not training)
         workers = _workers(agent.pid)
         assert len(workers) == 2
-        p = run(assets, d, 2, common + ["engine.steps=2"], check=False, timeout=120)
+        for pid in workers + [agent.pid]:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            p = run(assets, d, 2, common, check=False, timeout=120)
+        finally:
+            for pid in [agent.pid] + workers:
+                os.kill(pid, signal.SIGCONT)
         err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
         assert len(err) == 1, p.stderr[-3000:]          # one line, from rank 0; rank 1 did not hang
         assert "in use by another trainer" in err[0] and any(f"pid {w}" in err[0] for w in workers), err
         assert "exitcode  : 4" in p.stderr and not _worker_tracebacks(p.stderr), p.stderr[-3000:]
-        assert agent.poll() is None                     # the first job was not disturbed
         # SIGKILL of the agent alone (its workers have sessions of their own): they must follow it
-        wait_for(lambda: os.path.isfile(d / "checkpoints" / "step00000004" / "complete.json"),
-                 what="the step-4 checkpoint", proc=agent)
+        assert agent.poll() is None and _newest_step(d) < STEPS
         agent.send_signal(signal.SIGKILL)
         agent.wait()
         t0 = time.time()
@@ -195,8 +204,8 @@ def test_one_trainer_per_run_dir_and_no_orphans_when_the_agent_dies(assets, tmp_
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
     _assert_consistent(d)
-    # resume (the dead rank 0's lock is stale: taken over) and finish; steps 5, 6 == uninterrupted
-    p = run(assets, d, 2, common + [f"engine.steps={STEPS}", "checkpoint.resume=auto"])
+    # resume (the dead rank 0's lock is stale: taken over) and finish: every step == uninterrupted
+    p = run(assets, d, 2, common + ["checkpoint.resume=auto"])
     assert "taking over the stale lock" in p.stderr
     want = losses(ref)
     got = losses(d)
