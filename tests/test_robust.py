@@ -169,8 +169,8 @@ def reference(assets, tmp_path_factory, stage: int) -> str:
 def test_one_trainer_per_run_dir_and_no_orphans_when_the_agent_dies(assets, tmp_path_factory, tmp_path):
     ref = reference(assets, tmp_path_factory, 2)
     d = tmp_path / "run"
-    common = ["engine.zero_stage=2", "checkpoint.every=2", "checkpoint.keep_last=2", f"engine.steps={STEPS}"]
-    agent = start(assets, d, 2, common)
+    common = ["engine.zero_stage=2", "checkpoint.every=2", "checkpoint.keep_last=2"]
+    agent = start(assets, d, 2, common + ["engine.steps=100000"])    # ends only when killed
     workers: list = []
     try:
         wait_for(lambda: _newest_step(d) >= 2, what="a checkpoint", proc=agent)
@@ -181,7 +181,7 @@ def test_one_trainer_per_run_dir_and_no_orphans_when_the_agent_dies(assets, tmp_
         for pid in workers + [agent.pid]:
             os.kill(pid, signal.SIGSTOP)
         try:
-            p = run(assets, d, 2, common, check=False, timeout=120)
+            p = run(assets, d, 2, common + ["engine.steps=2"], check=False, timeout=120)
         finally:
             for pid in [agent.pid] + workers:
                 os.kill(pid, signal.SIGCONT)
@@ -194,7 +194,7 @@ def test_one_trainer_per_run_dir_and_no_orphans_when_the_agent_dies(assets, tmp_
         agent.send_signal(signal.SIGKILL)
         agent.wait()
         t0 = time.time()
-        wait_for(lambda: not any(map(_alive, workers)), timeout=10, what="the workers to exit")
+        wait_for(lambda: not any(map(_alive, workers)), timeout=5, what="the workers to exit")
         print(f"workers gone {time.time() - t0:.2f} s after the agent")
     finally:
         if agent.poll() is None:
@@ -205,7 +205,7 @@ def test_one_trainer_per_run_dir_and_no_orphans_when_the_agent_dies(assets, tmp_
                 os.kill(pid, signal.SIGKILL)
     _assert_consistent(d)
     # resume (the dead rank 0's lock is stale: taken over) and finish: every step == uninterrupted
-    p = run(assets, d, 2, common + ["checkpoint.resume=auto"])
+    p = run(assets, d, 2, common + [f"engine.steps={STEPS}", "checkpoint.resume=auto"])
     assert "taking over the stale lock" in p.stderr
     want = losses(ref)
     got = losses(d)
