@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -347,10 +348,11 @@ def test_soak_sigkill_at_random_moments_then_resume_equals_uninterrupted(assets,
               "checkpoint.keep_last=2", "checkpoint.resume=auto"]
     ck = os.path.join(d, "checkpoints")
 
-    def writing_since(t0):     # a file of a temporary (unsealed) checkpoint written after t0
+    def writing(t0, at_least):  # a file of an unsealed checkpoint of step >= at_least, written after t0
         def cond():
             for tmp in (os.listdir(ck) if os.path.isdir(ck) else []):
-                if tmp.startswith(".tmp-"):
+                m = re.match(r"^\.tmp-step(\d+)$", tmp)
+                if m and int(m.group(1)) >= at_least:
                     with contextlib.suppress(OSError):
                         if any(os.stat(os.path.join(ck, tmp, f)).st_mtime >= t0
                                for f in os.listdir(os.path.join(ck, tmp))):
@@ -360,26 +362,33 @@ def test_soak_sigkill_at_random_moments_then_resume_equals_uninterrupted(assets,
 
     kills = []
     for attempt in range(n_kills):
-        done = max(losses(d), default=0) if os.path.isfile(d / "metrics.jsonl") else 0
+        done = _newest_step(d)
         t0 = time.time()
         p = start(assets, d, 2, common)
-        if attempt == 0 or rng.random() < 0.5 or done + 1 > STEPS - 1:
-            target, delay, cond = "a checkpoint write", rng.uniform(0, 0.04), writing_since(t0)
-        else:   # after a random step was logged
-            k = rng.randint(done + 1, STEPS - 1)
-            target, delay = f"step {k}", rng.uniform(0, 0.3)
+        if attempt == 0:
+            # during the write of the checkpoint of step 4 or 6 (an earlier one is sealed: resumed from)
+            at = rng.choice([4, 6])
+            target, delay, cond = f"the step-{at} checkpoint write", rng.uniform(0, 0.04), writing(t0, at)
+        else:
+            # after a random step (a resume replays the steps since the last checkpoint)
+            k = rng.randint(done + 1, STEPS - 2)
+            target, delay = f"step {k}", rng.uniform(0, 0.1)
             cond = (lambda: os.path.isfile(d / "metrics.jsonl") and max(losses(d), default=0) >= k)
         try:
             wait_for(cond, what=target, proc=p)
             time.sleep(delay)
+            assert p.poll() is None, f"the job ended before the kill at {target}"
         finally:
             os.killpg(p.pid, signal.SIGKILL)            # agent and workers at once: a lost node
             p.wait()
-        kills.append(f"{target} +{delay * 1000:.0f} ms")
+        kills.append(f"{target} +{delay * 1000:.0f} ms (latest then: step {_newest_step(d)})")
         if os.path.isfile(os.path.join(ck, "latest")):
             _assert_consistent(d)
     print("killed at:", "; ".join(kills))
-    run(assets, d, 2, common)                           # the last resume runs to the end
+    resume_at = _newest_step(d)
+    assert 0 < resume_at < STEPS, kills
+    out = run(assets, d, 2, common).stdout             # the last resume runs to the end
+    assert f"at step {resume_at}" in out and "resumed from" in out
     want, got = losses(ref), losses(d)
     assert [got[s] for s in range(1, STEPS + 1)] == [want[s] for s in range(1, STEPS + 1)]
     assert _same_weights(_weights(d, "raw"), _weights(ref, "raw"))
