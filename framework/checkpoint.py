@@ -32,7 +32,7 @@ from .files import atomic_write_text
 
 __all__ = ["TAG_RE", "tag_for", "tmp_tag_for", "ckpt_dir", "finalize", "validate", "complete_tags",
            "find_resume", "read_meta", "update_latest", "prune", "rank_file", "ema_file",
-           "convert_to_universal"]
+           "convert_to_universal", "CheckpointWriteError", "CheckpointError", "WriteRecorder", "discard_tmp"]
 
 TAG_RE = re.compile(r"^step(\d{8,})$")
 MANIFEST = "complete.json"
@@ -56,6 +56,54 @@ def rank_file(tag_dir: str, rank: int) -> str:
 
 def ema_file(tag_dir: str, rank: int) -> str:
     return os.path.join(tag_dir, f"ema-rank{rank:05d}.pt")
+
+
+class CheckpointError(FileNotFoundError):
+    """The checkpoint asked for is missing, incomplete or unreadable."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written completely (every rank agrees it failed); the previous
+    checkpoint and ``latest`` are untouched."""
+
+
+class WriteRecorder:
+    """Run this rank's checkpoint writes, recording the first failure instead of raising it.
+
+    A rank whose write fails must still reach every collective of the save (DeepSpeed's barriers,
+    then the vote on the outcome), else the other ranks wait for it forever; so the failure is kept
+    and reported after the vote. ``wrap(fn)`` makes ``fn`` a recorded call (skipped once a write failed).
+    """
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.error: Optional[str] = None
+
+    def run(self, what: str, fn, *args, **kwargs):
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, RuntimeError) as e:   # torch.save reports a failed write as RuntimeError
+            self.error = f"rank {self.rank}: {what}: {_short(e)}"
+            return None
+
+    def wrap(self, what: str, fn):
+        def recorded(*args, **kwargs):
+            return self.run(what, fn, *args, **kwargs)
+        return recorded
+
+
+def _short(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def discard_tmp(directory: str, step: int) -> None:
+    """Remove the temporary directory of a failed save of ``step`` (rank 0, after the vote)."""
+    shutil.rmtree(os.path.join(directory, tmp_tag_for(step)), ignore_errors=True)
 
 
 def _file_sizes(tag_dir: str) -> dict[str, int]:
@@ -133,7 +181,9 @@ def find_resume(directory: str, resume: str) -> Optional[str]:
         tag_dir = resume if os.path.isdir(resume) else os.path.join(directory, resume)
         reason = validate(tag_dir) if os.path.isdir(tag_dir) else "does not exist"
         if reason:
-            raise FileNotFoundError(f"checkpoint.resume={resume}: {tag_dir} {reason}")
+            have = complete_tags(directory)
+            raise CheckpointError(f"checkpoint.resume={resume}: {tag_dir} {reason} (complete checkpoints "
+                                  f"in {directory}: {', '.join(have) if have else 'none'})")
         return tag_dir
     candidates = complete_tags(directory)
     latest = os.path.join(directory, "latest")

@@ -171,6 +171,10 @@ class CheckpointConfig:
     keep_every: int = 0             # additionally keep every M-th step forever (0: none)
     resume: str = ""                # "", "auto" (latest), or a tag / path
     save_on_exit: bool = True
+    # a save that cannot be written completely (disk full, quota, I/O error) leaves the previous
+    # checkpoint and `latest` as they were; then "abort": exit non-zero with one line;
+    # "continue": warn, keep training, try again at the next checkpoint.every
+    on_write_error: Literal["abort", "continue"] = "abort"
 
 
 @dataclass

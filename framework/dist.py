@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import re
+import signal
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
 __all__ = ["DistEnv", "dist_env", "setup_env", "expand_slurm_nodelist", "print0", "seed_everything",
-           "rank_seed", "is_main", "StopFlag"]
+           "rank_seed", "is_main", "StopFlag", "die_with_parent"]
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,79 @@ def dist_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
 def setup_env(env: Optional[dict] = None) -> DistEnv:
     """Export the torchrun convention (RANK, WORLD_SIZE, ...) derived from whatever launcher ran us."""
     target = os.environ if env is None else env
+    if env is None:
+        die_with_launcher()      # a worker whose launcher dies exits within seconds (no orphans)
     d = dist_env(target)
     if d.launcher == "slurm":
         target.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
                       LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr,
                       MASTER_PORT=str(d.master_port))
     return d
+
+
+_PARENT_WATCH: dict = {}
+PR_SET_PDEATHSIG = 1
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_with_parent(parent: Optional[int] = None, method: str = "auto", interval: float = 1.0) -> str:
+    """Exit (SIGKILL) as soon as the launcher that started this process dies: no orphaned trainers.
+
+    torchrun starts each worker in a session of its own, so a SIGKILL of the torchrun agent alone
+    (or its OOM kill) used to leave the workers training and writing checkpoints into the run
+    directory, beside any restarted job. A SIGKILL keeps the run directory consistent: checkpoints
+    are atomic (checkpoint.py), the newest complete one stays ``latest``.
+
+    method "auto": Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (the kernel sends the signal when the
+    parent dies), with a watchdog thread polling ``os.getppid()`` every ``interval`` seconds
+    as well (and alone where prctl is missing: another OS, no libc). "prctl" / "watchdog": one of them.
+    Caveat of PDEATHSIG: the kernel fires it when the parent *thread* that forked us exits, not
+    the parent process. torchrun (torch.distributed.elastic) and DeepSpeed's launcher start workers
+    from their main thread, which lives as long as the agent; a launcher that forks from a
+    short-lived thread needs ``FW_DIE_WITH_PARENT=watchdog``. Idempotent; returns what was armed
+    ("" when the parent is already init, i.e. the launcher is gone or there is none)."""
+    method = os.environ.get("FW_DIE_WITH_PARENT", method)
+    if method in ("0", "off", "none"):
+        return ""
+    parent = os.getppid() if parent is None else parent
+    if _PARENT_WATCH.get("parent") == parent:
+        return _PARENT_WATCH["armed"]
+    if parent <= 1:
+        return ""
+    armed = []
+    if method in ("auto", "prctl") and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+                armed.append("prctl")
+        except (OSError, AttributeError):
+            pass
+    if method in ("auto", "watchdog") or not armed:
+        def watch():
+            while True:
+                if os.getppid() != parent:
+                    _kill_self()
+                threading.Event().wait(interval)
+        threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+        armed.append("watchdog")
+    if os.getppid() != parent:      # it died before prctl took effect
+        _kill_self()
+    _PARENT_WATCH.update(parent=parent, armed="+".join(armed))
+    return _PARENT_WATCH["armed"]
+
+
+def die_with_launcher() -> str:
+    """``die_with_parent`` for workers started by a launcher agent (torchrun, the deepspeed launcher),
+    whose parent is that agent. Not for a plain ``python -m framework.train``: its parent is a shell,
+    which may exit on purpose (nohup) while training goes on."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env or "DS_LAUNCHER" in env or "CROSS_RANK" in env:
+        return die_with_parent()
+    return ""
 
 
 def is_main() -> bool:

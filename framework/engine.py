@@ -9,6 +9,7 @@ and checkpoint save/load with client state (``framework/checkpoint.py``: layout,
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from .dist import StopFlag, dist_env, print0, rank_seed, setup_env
 from .ema import EMA, ema_decay_for
 from .noise import NoiseStream
 from .objectives import build_objective
+from .runlock import job_lock
 
 __all__ = ["build_ds_config", "build_optimizer", "init_distributed", "Trainer", "train", "TrainResult",
            "NonFiniteLossError", "EMA", "NoiseStream"]
@@ -171,6 +173,11 @@ class Logger:
         self.rank, self.total, self.start = rank, total, start
         self.t0 = time.perf_counter()
         self.f = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 and cfg.log.jsonl else None
+        if self.f and self.f.tell() > 0:   # a line cut short by a kill: end it, start anew
+            with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    self.f.write("\n")
         self.tb = None
         if rank == 0 and cfg.log.tensorboard:
             try:
@@ -188,8 +195,11 @@ class Logger:
         if self.rank != 0:
             return
         if self.f:
-            self.f.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.f.flush()
+            try:
+                self.f.write(json.dumps({"step": step, **metrics}) + "\n")
+                self.f.flush()
+            except OSError as e:     # a full disk must not kill rank 0 mid-step
+                warnings.warn(f"metrics.jsonl: {e}; metrics of step {step} are not logged")
         if self.tb:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -246,26 +256,90 @@ def _checkpoint_meta(cfg: Config, denv, step: int, images: int, ema: Optional[EM
             "images_seen": images, "task": cfg.task, **(ema.meta() if ema else {})}
 
 
+def _broadcast_from_rank0(obj):
+    """rank 0's ``obj`` on every rank (a collective: every rank calls it)."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def save_checkpoint(engine, cfg: Config, denv, step: int, images: int, ema: Optional[EMA],
                     rank_state: dict) -> str:
-    """Every rank calls this (a rank-0-only save hangs DeepSpeed). Atomic: see checkpoint.py."""
+    """Every rank calls this (a rank-0-only save hangs DeepSpeed). Atomic: see checkpoint.py.
+
+    A write that fails on any rank (disk full, quota, I/O error) is recorded, not raised, so that
+    the rank still takes part in every collective of the save; then the ranks vote. If any rank
+    failed, rank 0 removes the temporary directory and every rank raises ``CheckpointWriteError``:
+    the previous checkpoint and ``latest`` are untouched."""
     import torch.distributed as dist
     directory = ckpt.ckpt_dir(cfg.run_dir)
     tmp_tag = ckpt.tmp_tag_for(step)
     tmp_dir = os.path.join(directory, tmp_tag)
     client = {"step": step, "images_seen": images, "config": to_dict(cfg),
               "world_size": denv.world_size}
-    engine.save_checkpoint(directory, tag=tmp_tag, client_state=client, save_latest=False)
-    torch.save(rank_state, ckpt.rank_file(tmp_dir, denv.rank))
+    rec = ckpt.WriteRecorder(denv.rank)
+    if denv.rank == 0:   # leftovers of a save killed at this step; DeepSpeed's first barrier orders it
+        ckpt.discard_tmp(directory, step)
+    # DeepSpeed (0.19) writes through checkpoint_engine.makedirs/save and copies its recovery
+    # scripts between a barrier before and one after; recording their failures keeps this rank
+    # in step with those barriers.
+    ce = engine.checkpoint_engine
+    ce_save, ce_makedirs = ce.save, ce.makedirs
+    ce.save = rec.wrap("writing a DeepSpeed file", ce_save)
+    ce.makedirs = rec.wrap("creating the checkpoint directory", ce_makedirs)
+    engine._copy_recovery_script = rec.wrap("copying DeepSpeed's recovery scripts",
+                                            engine._copy_recovery_script)
+    try:
+        engine.save_checkpoint(directory, tag=tmp_tag, client_state=client, save_latest=False)
+    finally:
+        ce.save, ce.makedirs = ce_save, ce_makedirs
+        del engine._copy_recovery_script
+    rec.run("writing the RNG/data state", torch.save, rank_state, ckpt.rank_file(tmp_dir, denv.rank))
     if ema is not None and (ema.zero3 or denv.rank == 0):
-        torch.save(ema.state_dict(), ckpt.ema_file(tmp_dir, denv.rank))
-    dist.barrier()
+        rec.run("writing the EMA", torch.save, ema.state_dict(), ckpt.ema_file(tmp_dir, denv.rank))
+    # -- the vote (it is the barrier too): every rank learns every rank's failure
+    errors: list = [None] * denv.world_size
+    dist.all_gather_object(errors, rec.error)
+    failed = [e for e in errors if e]
     final = os.path.join(directory, ckpt.tag_for(step))
+    if not failed and denv.rank == 0:   # seal: manifest, rename, latest
+        rec.run("sealing the checkpoint", ckpt.finalize, directory, step,
+                _checkpoint_meta(cfg, denv, step, images, ema))
+        failed = [rec.error] if rec.error else []
+    failed = _broadcast_from_rank0(failed)
+    if failed:
+        if denv.rank == 0:
+            ckpt.discard_tmp(directory, step)
+        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise ckpt.CheckpointWriteError(
+            f"checkpoint at step {step} could not be written to {directory}: {failed[0]}{more}; "
+            f"the previous checkpoint and 'latest' are kept")
     if denv.rank == 0:
-        ckpt.finalize(directory, step, _checkpoint_meta(cfg, denv, step, images, ema))
-        ckpt.prune(directory, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
-    dist.barrier()
+        try:
+            ckpt.prune(directory, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        except OSError as e:
+            warnings.warn(f"pruning old checkpoints in {directory} failed: {e}")
     return final
+
+
+def checkpoint_or_report(save: Callable[[], str], cfg: Config, step: int, log) -> Optional[str]:
+    """One checkpoint of the loop, timed: metric ``checkpoint/write_s``. A failed write raises
+    (checkpoint.on_write_error=abort) or is reported and training goes on (continue)."""
+    t0 = time.perf_counter()
+    try:
+        path = save()
+    except ckpt.CheckpointWriteError as e:
+        if cfg.checkpoint.on_write_error == "abort":
+            raise
+        print0(f"warning: {e}; training goes on (checkpoint.on_write_error=continue), next try at "
+               f"step {step + cfg.checkpoint.every}" if cfg.checkpoint.every else f"warning: {e}")
+        log(step, {"checkpoint/failed": 1, "checkpoint/write_s": time.perf_counter() - t0})
+        return None
+    log(step, {"checkpoint/write_s": time.perf_counter() - t0})
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,17 +360,33 @@ class Trainer:
 
     def __init__(self, cfg: Config, data: Optional[Iterable] = None, model_factory=None,
                  stop: Optional[StopFlag] = None, objective=None):
-        import deepspeed
-        import torch.distributed as dist
-
         self.cfg = cfg
         e = cfg.engine
         # ---- 1. processes, devices, run directory ------------------------------------------------
         self.stop = stop or StopFlag()      # SIGTERM/SIGUSR1: finish the step, checkpoint, exit 0
         device_kind = e.device if e.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.denv = init_distributed(device_kind)
-        self.rank, self.world = rank, world = self.denv.rank, self.denv.world_size
-        self.device = device = _device(device_kind, self.denv.local_rank)
+        self.rank, self.world = self.denv.rank, self.denv.world_size
+        self.device_kind = device_kind
+        self.device = _device(device_kind, self.denv.local_rank)
+        # one trainer per run directory: rank 0 holds RUN/trainer.lock until fit() ends (or close())
+        self._exit = contextlib.ExitStack()
+        self._exit.enter_context(job_lock(cfg.run_dir, self.rank, share=_broadcast_from_rank0))
+        try:
+            self._setup(cfg, data, model_factory, objective)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (the lock); ``fit`` does it when it ends."""
+        self._exit.close()
+
+    def _setup(self, cfg: Config, data, model_factory, objective) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        e, rank, world, device = cfg.engine, self.rank, self.world, self.device
         torch.manual_seed(rank_seed(cfg.seed, 0))           # identical initial weights on all ranks
         os.makedirs(cfg.run_dir, exist_ok=True)
         if rank == 0:
@@ -317,7 +407,7 @@ class Trainer:
                                    f"({cfg.run_dir}) on a file system that every node shares")
         self.resume_meta = ckpt.read_meta(resume_dir) if resume_dir else None
         self.reshard = bool(self.resume_meta and self.resume_meta["world_size"] != world)
-        ds_config = build_ds_config(cfg, world, device_kind, load_universal=self.reshard)
+        ds_config = build_ds_config(cfg, world, self.device_kind, load_universal=self.reshard)
         self.global_batch = ds_config["train_batch_size"]
         self.dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
 
@@ -394,9 +484,15 @@ class Trainer:
                 ckpt.convert_to_universal(resume_dir, meta["zero_stage"])
             dist.barrier()
             load_dir = resume_dir.rstrip("/") + "_universal"
-        path, _client = self.engine.load_checkpoint(os.path.dirname(load_dir), tag=os.path.basename(load_dir))
+        try:   # an unreadable file (complete.json and sizes fine, bytes not) -> one line
+            path, _client = self.engine.load_checkpoint(os.path.dirname(load_dir), tag=os.path.basename(load_dir))
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError, AssertionError) as e:
+            raise ckpt.CheckpointError(
+                f"cannot load checkpoint {load_dir} ({type(e).__name__}: {str(e).strip()[:200] or 'in the loader'});"
+                f" resume from an older one with checkpoint.resume=TAG (complete: "
+                f"{', '.join(ckpt.complete_tags(os.path.dirname(resume_dir)))})") from e
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {load_dir}")
+            raise ckpt.CheckpointError(f"DeepSpeed could not load {load_dir}")
         self.step, self.images = int(meta["step"]), int(meta["images_seen"])
         shard_files = [ckpt.ema_file(resume_dir, r) for r in range(meta["world_size"])]
         shards = [torch.load(f, map_location="cpu", weights_only=True) for f in shard_files if os.path.isfile(f)]
@@ -512,7 +608,9 @@ class Trainer:
                 stopping = self._agreed_stop()
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or \
                         (stopping and cfg.checkpoint.save_on_exit):
-                    result["checkpoint"] = self.save_checkpoint()
+                    # timed (checkpoint/write_s); a failed write aborts or is reported (on_write_error)
+                    result["checkpoint"] = checkpoint_or_report(self.save_checkpoint, cfg, self.step,
+                                                                logger.log) or result["checkpoint"]
                     last_ckpt_step = self.step
                 if stopping:
                     print0(f"signal {self.stop.signum}: checkpointed at step {self.step}, exiting")
@@ -520,12 +618,14 @@ class Trainer:
                     break
             else:
                 if cfg.checkpoint.save_on_exit and last_ckpt_step != self.step and cfg.checkpoint.every:
-                    result["checkpoint"] = self.save_checkpoint()
+                    result["checkpoint"] = checkpoint_or_report(self.save_checkpoint, cfg, self.step,
+                                                                logger.log) or result["checkpoint"]
         finally:
             if pending:
                 result["losses"] += torch.stack(pending).tolist()
             self.stop.restore()
             logger.close()
+            self.close()
         result.update(step=self.step, images_seen=self.images, engine=self.engine, ema=self.ema)
         return result
 

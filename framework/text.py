@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .config import TextConfig
+from .config import ConfigError, TextConfig
 
 __all__ = ["Condition", "cast_floats", "TextEncoder", "null_dropout", "resolve_encoder", "make_tiny_encoder",
            "clip_tokenizer_from_open_clip", "ALIASES"]
@@ -189,7 +189,23 @@ def resolve_encoder(name: str) -> str:
         return os.path.join(list(spec.submodule_search_locations)[0], sub)
     if os.path.isdir(os.path.expanduser(name)):
         return os.path.abspath(os.path.expanduser(name))
+    if _looks_like_path(name):
+        raise ConfigError(f"text.encoder={name}: no such directory. {_encoder_choices()}")
     return name
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is "name" or "org/name"; anything else (absolute, ./, ~, deeper) means a local path."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or os.sep != "/" and os.sep in name)
+
+
+def _encoder_choices() -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    hub = ("a hub id from the Hugging Face cache (downloads are off: HF_HUB_OFFLINE=1, as `make` sets it; "
+           "unset it to download)" if offline else "a hub id (downloaded, or from the Hugging Face cache)")
+    return (f"text.encoder takes a local directory with a transformers tokenizer and model, "
+            f"one of the aliases {', '.join(sorted(ALIASES))}, or {hub}")
 
 
 _T5_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
@@ -233,11 +249,17 @@ class TextEncoder:
         else:
             self.dtype = _DTYPES[cfg.dtype]
         self.path = resolve_encoder(cfg.encoder)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            cls = _model_class(self.path, cfg.kind)
+            model = cls.from_pretrained(self.path, dtype=self.dtype)
+        except (OSError, ValueError) as e:    # not a model folder, an unknown hub id, offline, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ConfigError(f"text.encoder={cfg.encoder}: cannot load a tokenizer and model from "
+                              f"{self.path} ({first}). {_encoder_choices()}") from e
         if self.tokenizer.pad_token is None:            # e.g. GPT-style vocabularies
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        cls = _model_class(self.path, cfg.kind)
-        self.model = cls.from_pretrained(self.path, dtype=self.dtype).to(self.device)
+        self.model = model.to(self.device)
         self.model.eval().requires_grad_(False)
         self.is_clip = type(self.model).__name__ == "CLIPTextModel"
         conf = self.model.config

@@ -66,3 +66,57 @@ def test_rank_seeds_distinct():
     seeds = {rank_seed(0, r, s) for r in range(8) for s in range(3)}
     assert len(seeds) == 24
     assert rank_seed(1, 0) != rank_seed(0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# No orphans: a worker dies with the launcher that started it
+# ---------------------------------------------------------------------------------------------
+_WORKER = r"""
+import os, sys, time
+from framework.dist import die_with_parent
+armed = die_with_parent(method=sys.argv[1], interval=0.1) if sys.argv[1] != "none" else "none"
+print(armed, os.getpid(), flush=True)
+time.sleep(120)
+"""
+# the launcher: starts the worker in a session of its own (as torchrun does), then waits
+_LAUNCHER = r"""
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("method", ["prctl", "watchdog", "none"])
+def test_worker_dies_with_its_launcher(method):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _WORKER, method], cwd=root,
+                                env=dict(os.environ, PYTHONPATH=root), stdout=subprocess.PIPE, text=True)
+    armed, pid = launcher.stdout.readline().split()
+    pid = int(pid)
+    try:
+        assert armed == method
+        launcher.kill()                       # SIGKILL: the launcher cannot pass anything on
+        launcher.wait()
+        t0 = time.time()
+        while time.time() - t0 < 5 and not _gone(pid):
+            time.sleep(0.05)
+        if method == "none":                  # without it the worker outlives its launcher
+            assert not _gone(pid)
+        else:
+            assert _gone(pid), f"worker {pid} still alive {time.time() - t0:.1f} s after its launcher died"
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)

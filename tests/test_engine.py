@@ -81,6 +81,7 @@ def wait_for(cond, timeout=180, what=""):
 
 
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.equivalence
 def test_zero_stages_2_ranks_match_single_process(assets, tmp_path):
     single = tmp_path / "single"
     run(assets, single, 1, ["engine.zero_stage=0", "engine.micro_batch=8", "engine.steps=3"])
@@ -92,7 +93,15 @@ def test_zero_stages_2_ranks_match_single_process(assets, tmp_path):
         extra = ["engine.activation_checkpointing=true"] if stage == 3 else []
         run(assets, d, 2, [f"engine.zero_stage={stage}", "engine.micro_batch=4", "engine.steps=3", *extra])
         got = losses(d)
-        for s in ref:   # fp32: equal up to reduction order
+        # fp32, equal up to reduction order. Step 1: the same weights, so the loss differs by the
+        # forward's rounding only (a mean over 8x256 outputs: ~1e-7 relative). Steps 2, 3: the
+        # gradients (one batch of 8 vs two all-reduced halves) differ by rounding, which AdamW
+        # amplifies by up to lr/eps where |g| ~ eps (see test_classifier's `adam`): weights then
+        # differ by up to ~4e-5, but only in coordinates whose gradient is ~0, where a weight change
+        # moves the loss to second order only.
+        print(f"ZeRO-{stage} vs 1 process: max relative loss difference "
+              f"{max(abs(got[s] - ref[s]) / max(1.0, abs(ref[s])) for s in ref):.1e}")
+        for s in ref:
             assert abs(got[s] - ref[s]) <= 1e-5 * max(1.0, abs(ref[s])), (stage, s, got, ref)
         if stage == 3:
             mem = [m for m in metrics(d) if "memory/params_local" in m][0]
@@ -104,6 +113,7 @@ def test_zero_stages_2_ranks_match_single_process(assets, tmp_path):
             assert 0.45 < ratio_p < 0.56 and 0.45 < ratio_o < 0.56, (mem, mem1)
 
 
+@pytest.mark.equivalence
 def test_kill_resume_is_bit_exact_and_truncated_checkpoint_is_skipped(assets, tmp_path):
     common = ["engine.zero_stage=2", "engine.steps=6", "checkpoint.every=2", "checkpoint.keep_last=5",
               "data.num_workers=2", "data.shuffle_buffer=8", "data.shardshuffle=true"]
@@ -122,7 +132,9 @@ def test_kill_resume_is_bit_exact_and_truncated_checkpoint_is_skipped(assets, tm
         p.wait()
     run(assets, killed, 2, common + ["checkpoint.resume=auto"])
     got = losses(killed)
-    assert [got[s] for s in (5, 6)] == [ref[s] for s in (5, 6)]   # bit-exact
+    # bit-exact: the same world size runs the same kernels in the same order on the same restored
+    # state (weights, Adam moments, RNG streams, data position), whatever the CPU
+    assert [got[s] for s in (5, 6)] == [ref[s] for s in (5, 6)]
 
     # a truncated newest checkpoint is skipped with a warning; the previous one is used
     newest = os.path.join(full, "checkpoints", "step00000006")
@@ -216,6 +228,7 @@ def test_non_finite_loss_is_skipped_then_aborts(assets, tmp_path):
     assert "ABORT 3 non-finite losses in a row, the last at step 1" in p.stdout, p.stdout + p.stderr[-3000:]
 
 
+@pytest.mark.equivalence
 def test_compile_matches_eager_zero2_and_zero3(assets, tmp_path):
     """engine.compile: the UNet compiled in place inside the DeepSpeed engine (dynamo + AOTAutograd's
     joint forward/backward graph; the aot_eager backend skips inductor's minutes of C++ compilation on
@@ -230,6 +243,10 @@ def test_compile_matches_eager_zero2_and_zero3(assets, tmp_path):
                                "engine.compile=true", *common])
         got = losses(d)
         assert sorted(got) == sorted(ref) == [1, 2, 3]
+        # the traced graph runs the same ATen kernels, decomposed and reordered: rounding-level
+        # differences, amplified by AdamW only where the gradient is ~0 (see the ZeRO test above)
+        print(f"compiled ZeRO-{stage} vs eager: max relative loss difference "
+              f"{max(abs(got[s] - ref[s]) / max(1.0, abs(ref[s])) for s in ref):.1e}")
         for s in ref:
             assert abs(got[s] - ref[s]) <= 1e-5 * max(1.0, abs(ref[s])), (stage, s, got, ref)
         stats = [m for m in metrics(d) if "compile/unique_graphs" in m][0]

@@ -40,6 +40,7 @@ def _exact(a: dict, b: dict) -> bool:
 # consolidation
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.distributed
+@pytest.mark.equivalence
 def test_consolidate_zero3_two_ranks_equals_single_process(tmp_path_factory):
     z3 = trained_run(tmp_path_factory, 2, 3)
     z0 = trained_run(tmp_path_factory, 1, 0)
@@ -51,7 +52,12 @@ def test_consolidate_zero3_two_ranks_equals_single_process(tmp_path_factory):
     ema3, _ = E.consolidate(z3, weights="ema")            # EMA.full_state over 2 ema-rank files
     ema0, _ = E.consolidate(z0, weights="ema")
     assert all(v.dtype == torch.float32 for v in raw3.values())
-    assert _max_diff(raw3, raw0) < 1e-5                   # fp32, up to reduction order
+    # fp32, up to reduction order: rounding-level gradient differences, amplified by Adam at most
+    # lr/eps = 30 times per step (optim.eps=1e-4 in tests/_trained.py; with the default 1e-8 the
+    # factor is 3e5 and these differences were 1.4e-6 on AVX-512 and 3.7e-6 on SSE4.1 kernels).
+    # The EMA is a convex combination of the weights: the same bound holds for it.
+    print(f"ZeRO-3 x 2 vs 1 process: raw {_max_diff(raw3, raw0):.1e}, EMA {_max_diff(ema3, ema0):.1e}")
+    assert _max_diff(raw3, raw0) < 1e-5
     assert _max_diff(ema3, ema0) < 1e-5
     assert _max_diff(raw3, ema3) > 1e-4                   # EMA (decay 0.5) lags the trained weights
 
@@ -59,12 +65,14 @@ def test_consolidate_zero3_two_ranks_equals_single_process(tmp_path_factory):
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.equivalence
 def test_consolidate_zero12_two_ranks(tmp_path_factory, tmp_path, stage):
     run = train(assets(tmp_path_factory), str(tmp_path / f"z{stage}"), 2, stage)
     raw0, _ = E.consolidate(trained_run(tmp_path_factory, 1, 0), weights="raw")
     raw, info = E.consolidate(run, weights="raw")
     assert info["zero_stage"] == stage and info["world_size"] == 2
-    assert _max_diff(raw, raw0) < 1e-5
+    print(f"ZeRO-{stage} x 2 vs 1 process: raw {_max_diff(raw, raw0):.1e}")
+    assert _max_diff(raw, raw0) < 1e-5                    # see test_consolidate_zero3_two_ranks_...
     # the module copy DeepSpeed keeps under ZeRO 1/2 (fp32 run) equals the fp32 masters exactly
     module = torch.load(os.path.join(info["path"], "mp_rank_00_model_states.pt"), weights_only=True)["module"]
     assert _exact(raw, {k: v.float() for k, v in module.items()})
@@ -92,6 +100,7 @@ def test_find_checkpoint_skips_an_incomplete_newer_tag(tmp_path_factory, tmp_pat
 # ---------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.equivalence
 def test_export_round_trip_is_exact_and_raw_differs_from_ema(tmp_path_factory, tmp_path):
     run = trained_run(tmp_path_factory, 1, 0)
     ema, _ = E.consolidate(run, weights="ema")
@@ -128,6 +137,7 @@ def test_null_condition_is_the_training_one(tmp_path_factory):
     assert nd["mask"].dtype == torch.bool and "pooled" not in nd
 
 
+@pytest.mark.equivalence
 def test_sharded_export_gives_identical_pipeline_outputs(tmp_path_factory):
     one = exported(tmp_path_factory, 1, 0)
     many = exported(tmp_path_factory, 1, 0, max_shard_size="200KB")

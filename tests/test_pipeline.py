@@ -80,6 +80,7 @@ def test_guidance_is_one_batched_forward_with_the_exported_null(pipe):
     assert not torch.equal(n, g)
 
 
+@pytest.mark.equivalence
 def test_batching_does_not_change_ddim_samples(pipe):
     # the noise of image i is fixed by the seed, whatever the batch it is sampled in
     x_T = pipe.noise(3, seed=4)

@@ -115,6 +115,7 @@ def test_zero_init_lives_in_reset_parameters():
 # ---------------------------------------------------------------------------------------------
 # Masking and conditioning
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.equivalence
 def test_padding_invariance_and_mask_semantics():
     cfg = small_cfg()
     torch.manual_seed(0)
@@ -180,6 +181,7 @@ def test_gradient_reaches_every_parameter():
 # Switches applied from outside
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", [True, "attention", "res"])
+@pytest.mark.equivalence
 def test_activation_checkpointing_identical(kind):
     from framework.unet import ResBlock, SpatialTransformer
     cfg = small_cfg(dropout=0.1)
@@ -209,6 +211,7 @@ def test_activation_checkpointing_identical(kind):
         apply_activation_checkpointing(m2, "some")
 
 
+@pytest.mark.equivalence
 def test_channels_last_same_output():
     cfg = small_cfg()
     torch.manual_seed(0)
@@ -222,6 +225,7 @@ def test_channels_last_same_output():
 
 
 @pytest.mark.slow
+@pytest.mark.equivalence
 def test_compiles_without_graph_breaks():
     """torch.compile-friendly: one graph (fullgraph) through dynamo; the eager backend keeps it fast."""
     torch._dynamo.reset()
@@ -273,6 +277,7 @@ def test_state_dict_mapping_round_trip():
 @pytest.mark.skipif(not HAS_DIFFUSERS, reason="optional: pip install diffusers")
 @pytest.mark.parametrize("kw", [dict(), dict(scale_shift=True, linear_projection=False, mid_attention=False,
                                              pooled_dim=0, attention_levels=[1])])
+@pytest.mark.equivalence
 def test_matches_diffusers_unet(kw):
     from diffusers import UNet2DConditionModel
     cfg = small_cfg(**kw)
