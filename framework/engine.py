@@ -429,8 +429,10 @@ def save_checkpoint(engine, cfg: Config, denv, step: int, images: int, ema: Opti
     return final
 
 
-def checkpoint_or_report(save: Callable[[], str], cfg: Config, step: int, log) -> Optional[str]:
-    """One checkpoint of the loop, timed: metric ``checkpoint/write_s``. A failed write raises
+def checkpoint_or_report(save: Callable[[], str], cfg: Config, step: int, pending: dict) -> Optional[str]:
+    """One checkpoint of the loop, timed. Its numbers (``checkpoint/step``, ``checkpoint/write_s``,
+    ``checkpoint/failed``) go into ``pending``, which the next logged step's metrics line takes (one
+    line per logged step stays the format of metrics.jsonl). A failed write raises
     (checkpoint.on_write_error=abort) or is reported and training goes on (continue)."""
     t0 = time.perf_counter()
     try:
@@ -438,11 +440,14 @@ def checkpoint_or_report(save: Callable[[], str], cfg: Config, step: int, log) -
     except ckpt.CheckpointWriteError as e:
         if cfg.checkpoint.on_write_error == "abort":
             raise
-        print0(f"warning: {e}; training goes on (checkpoint.on_write_error=continue), next try at "
-               f"step {step + cfg.checkpoint.every}" if cfg.checkpoint.every else f"warning: {e}")
-        log(step, {"checkpoint/failed": 1, "checkpoint/write_s": time.perf_counter() - t0})
+        pending.update({"checkpoint/step": step, "checkpoint/write_s": time.perf_counter() - t0,
+                        "checkpoint/failed": 1})
+        nxt = f", next try at step {step + cfg.checkpoint.every}" if cfg.checkpoint.every else ""
+        print0(f"warning: {e}; training goes on (checkpoint.on_write_error=continue){nxt}")
         return None
-    log(step, {"checkpoint/write_s": time.perf_counter() - t0})
+    dt = time.perf_counter() - t0
+    pending.update({"checkpoint/step": step, "checkpoint/write_s": dt, "checkpoint/failed": 0})
+    print0(f"checkpoint {os.path.basename(path)} written in {dt:.2f} s")
     return path
 
 
@@ -595,6 +600,7 @@ def _train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
     nonfinite_run, last_ckpt_step = 0, step
     memory_logged = False
     t_last, img_last = time.perf_counter(), images
+    ckpt_metrics: dict = {}     # [ckpt-errors] the last checkpoint's numbers, for the next metrics line
 
     def rank_state() -> dict:
         return {"noise": noise.state_dict(),
@@ -675,6 +681,8 @@ def _train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
                 if loader is not None and hasattr(loader, "stats"):
                     metrics.update({f"data/{k}": v for k, v in loader.stats().items()
                                     if isinstance(v, (int, float))})
+                metrics.update(ckpt_metrics)     # [ckpt-errors]
+                ckpt_metrics.clear()
                 logger.log(step, metrics)
                 t_last, img_last = now, images
 
@@ -688,7 +696,7 @@ def _train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
                     (stopping and cfg.checkpoint.save_on_exit):
                 result["checkpoint"] = checkpoint_or_report(   # [ckpt-errors] timed, on_write_error
                     lambda: save_checkpoint(engine, cfg, denv, step, images, ema, rank_state()),
-                    cfg, step, logger.log) or result["checkpoint"]
+                    cfg, step, ckpt_metrics) or result["checkpoint"]
                 last_ckpt_step = step
             if stopping:
                 print0(f"signal {stop.signum}: checkpointed at step {step}, exiting")
@@ -698,7 +706,7 @@ def _train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
             if cfg.checkpoint.save_on_exit and last_ckpt_step != step and cfg.checkpoint.every:
                 result["checkpoint"] = checkpoint_or_report(   # [ckpt-errors] timed, on_write_error
                     lambda: save_checkpoint(engine, cfg, denv, step, images, ema, rank_state()),
-                    cfg, step, logger.log) or result["checkpoint"]
+                    cfg, step, ckpt_metrics) or result["checkpoint"]
     finally:
         stop.restore()
         logger.close()
