@@ -325,8 +325,10 @@ def save_checkpoint(engine, cfg: Config, denv, step: int, images: int, ema: Opti
     return final
 
 
-def checkpoint_or_report(save: Callable[[], str], cfg: Config, step: int, log) -> Optional[str]:
-    """One checkpoint of the loop, timed: metric ``checkpoint/write_s``. A failed write raises
+def checkpoint_or_report(save: Callable[[], str], cfg: Config, step: int, pending: dict) -> Optional[str]:
+    """One checkpoint of the loop, timed. Its numbers (``checkpoint/step``, ``checkpoint/write_s``,
+    ``checkpoint/failed``) go into ``pending``, which the next logged step's metrics line takes (one
+    line per logged step stays the format of metrics.jsonl). A failed write raises
     (checkpoint.on_write_error=abort) or is reported and training goes on (continue)."""
     t0 = time.perf_counter()
     try:
@@ -334,11 +336,14 @@ def checkpoint_or_report(save: Callable[[], str], cfg: Config, step: int, log) -
     except ckpt.CheckpointWriteError as e:
         if cfg.checkpoint.on_write_error == "abort":
             raise
-        print0(f"warning: {e}; training goes on (checkpoint.on_write_error=continue), next try at "
-               f"step {step + cfg.checkpoint.every}" if cfg.checkpoint.every else f"warning: {e}")
-        log(step, {"checkpoint/failed": 1, "checkpoint/write_s": time.perf_counter() - t0})
+        pending.update({"checkpoint/step": step, "checkpoint/write_s": time.perf_counter() - t0,
+                        "checkpoint/failed": 1})
+        nxt = f", next try at step {step + cfg.checkpoint.every}" if cfg.checkpoint.every else ""
+        print0(f"warning: {e}; training goes on (checkpoint.on_write_error=continue){nxt}")
         return None
-    log(step, {"checkpoint/write_s": time.perf_counter() - t0})
+    dt = time.perf_counter() - t0
+    pending.update({"checkpoint/step": step, "checkpoint/write_s": dt, "checkpoint/failed": 0})
+    print0(f"checkpoint {os.path.basename(path)} written in {dt:.2f} s")
     return path
 
 
@@ -546,6 +551,7 @@ class Trainer:
         pending: list[torch.Tensor] = []        # losses not yet read back from the device
         nonfinite_run, last_ckpt_step, first_log = 0, self.step, True
         t_last, img_last, log_start = time.perf_counter(), self.images, self.step
+        ckpt_metrics: dict = {}     # the last checkpoint's numbers, for the next metrics line
 
         self.engine.train()
         try:
@@ -597,6 +603,8 @@ class Trainer:
                         metrics.update({f"data/{k}": v for k, v in self.loader.stats().items()
                                         if isinstance(v, (int, float))})
                     metrics.update(self.objective.metrics())
+                    metrics.update(ckpt_metrics)
+                    ckpt_metrics.clear()
                     logger.log(self.step, metrics)
                     t_last, img_last, log_start = now, self.images, self.step
 
@@ -610,7 +618,7 @@ class Trainer:
                         (stopping and cfg.checkpoint.save_on_exit):
                     # timed (checkpoint/write_s); a failed write aborts or is reported (on_write_error)
                     result["checkpoint"] = checkpoint_or_report(self.save_checkpoint, cfg, self.step,
-                                                                logger.log) or result["checkpoint"]
+                                                                ckpt_metrics) or result["checkpoint"]
                     last_ckpt_step = self.step
                 if stopping:
                     print0(f"signal {self.stop.signum}: checkpointed at step {self.step}, exiting")
@@ -619,7 +627,7 @@ class Trainer:
             else:
                 if cfg.checkpoint.save_on_exit and last_ckpt_step != self.step and cfg.checkpoint.every:
                     result["checkpoint"] = checkpoint_or_report(self.save_checkpoint, cfg, self.step,
-                                                                logger.log) or result["checkpoint"]
+                                                                ckpt_metrics) or result["checkpoint"]
         finally:
             if pending:
                 result["losses"] += torch.stack(pending).tolist()

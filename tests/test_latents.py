@@ -278,7 +278,7 @@ def test_text_embeddings_compose_with_latents(assets, tmp_path):
     the loader then returns z0 and the precomputed caption embeddings, no image, no encoder."""
     from framework.config import TextConfig
     from framework.data import build_loader
-    from framework.shards import precompute_text
+    from framework.precompute import precompute_text
     from framework.text import TextEncoder
 
     out = str(assets["dir"] / "lat")
