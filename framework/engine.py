@@ -211,7 +211,8 @@ class Logger:
             print(self.line(step, metrics, time.perf_counter() - self.t0), flush=True)
 
     def line(self, step: int, metrics: dict, elapsed: float) -> str:
-        """'step 120/1000 (12.0%)  loss 0.0712  lr 2.00e-04  31.5 img/s  0:01:02 elapsed, eta 0:07:35'"""
+        """'step 120/1000 (12.0%)  loss 0.0712  lr 2.00e-04  31.5 img/s  data wait 1%  bad 0.00%
+        0:01:02 elapsed, eta 0:07:35'"""
         done = step - self.start
         eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
 
@@ -222,7 +223,9 @@ class Logger:
             return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
         return (f"step {step}/{self.total} ({100 * step / max(1, self.total):.1f}%)  "
                 f"loss {metrics.get('loss', float('nan')):.4f}  lr {metrics.get('lr', 0):.2e}  "
-                f"{metrics.get('images_per_s', 0):.1f} img/s  {hms(elapsed)} elapsed, eta {hms(eta)}")
+                f"{metrics.get('images_per_s', 0):.1f} img/s  "
+                f"data wait {100 * metrics.get('data/wait_frac', 0):.0f}%  "
+                f"bad {100 * metrics.get('data/bad_fraction', 0):.2f}%  {hms(elapsed)} elapsed, eta {hms(eta)}")
 
     def advance(self, n: int = 1) -> None:
         if self.bar:
@@ -462,6 +465,7 @@ class Trainer:
         self.noise = NoiseStream(cfg.seed, rank, world, device,
                                  mode="buckets" if cfg.data.buckets.enabled else "global")
         self._nonfinite_pending = torch.zeros((), dtype=torch.float64, device=device)
+        self.data_wait_s = 0.0
         self.loader = None
         if data is None:
             from .data import build_loader
@@ -523,7 +527,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         skipped = False
         for _ in range(e.grad_accum):
+            t0 = time.perf_counter()
             batch = next(self.batches)
+            self.data_wait_s += time.perf_counter() - t0      # host time waiting for the loader
             if self.cuda_graphs:       # a new replay: the previous step's graph outputs are dead
                 torch.compiler.cudagraph_mark_step_begin()
             loss = self.objective.loss(self.engine, batch, self.noise).mean()
@@ -551,6 +557,7 @@ class Trainer:
         pending: list[torch.Tensor] = []        # losses not yet read back from the device
         nonfinite_run, last_ckpt_step, first_log = 0, self.step, True
         t_last, img_last, log_start = time.perf_counter(), self.images, self.step
+        self.data_wait_s = 0.0
         ckpt_metrics: dict = {}     # the last checkpoint's numbers, for the next metrics line
 
         self.engine.train()
@@ -587,9 +594,12 @@ class Trainer:
                             f"(engine.skip_nonfinite=false: the weights may be damaged): resume from the "
                             f"last checkpoint, lower optim.lr or set engine.skip_nonfinite=true")
                     now = time.perf_counter()
+                    # data wait: the share of the interval the step spent waiting for the next batch
                     metrics = {"loss": result["losses"][-1], "lr": self.lr_sched.get_last_lr()[0],
                                "images_seen": self.images,
-                               "images_per_s": (self.images - img_last) / max(1e-9, now - t_last)}
+                               "images_per_s": (self.images - img_last) / max(1e-9, now - t_last),
+                               "data/wait_frac": min(1.0, self.data_wait_s / max(1e-9, now - t_last))}
+                    self.data_wait_s = 0.0
                     if first_log:   # once, after the first step created the optimizer state
                         metrics.update(memory_stats(self.engine, e.zero_stage == 3))
                         if self.plan_memory is not None:    # the plan next to the measured peak

@@ -111,12 +111,39 @@ def test_log_lines_without_a_terminal(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     lines = [l for l in out if l.startswith("step ")]
     assert [l.split()[1] for l in lines] == ["2/4", "4/4"], out
-    assert "loss " in lines[0] and "img/s" in lines[0] and "eta" in lines[0]
+    assert "loss " in lines[0] and "img/s" in lines[0] and "eta" in lines[0] and "data wait" in lines[0]
     assert len(result["losses"]) == 4 and all(isinstance(x, float) for x in result["losses"])
     # the first logged metrics carry the planner's memory per rank next to the measured peak
     with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
         first = json.loads(f.readline())
     assert first["plan/static_gib"] > 0 and first["memory/peak_gib"] > 0
+
+
+@pytest.mark.slow
+def test_log_lines_through_a_pipe(tmp_path):
+    """What a SLURM / nohup log shows: `python -m framework.train` with stdout a pipe prints a line
+    per logged step (step/total, loss, img/s, data wait, bad fraction, ETA); metrics.jsonl has the
+    data wait as a number."""
+    import subprocess
+    import sys
+
+    from tests._fixtures import tiny_encoder, write_shards
+    from tests._trained import env
+    enc = tiny_encoder(str(tmp_path / "enc"))
+    write_shards(str(tmp_path / "shards"), 2, 8, size=16)
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "framework.train", "--config",
+                        os.path.join(ROOT, "configs", "tiny.yaml"), f"run_dir={run}", f"text.encoder={enc}",
+                        "unet.context_dim=32", f"data.urls=['{tmp_path / 'shards'}']", "data.num_workers=0",
+                        "engine.micro_batch=4", "engine.steps=4", "engine.log_every=2", "checkpoint.every=0"],
+                       cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [l for l in p.stdout.splitlines() if l.startswith("step ")]
+    assert [l.split()[1] for l in lines] == ["2/4", "4/4"], p.stdout
+    assert all(k in lines[-1] for k in ("loss", "img/s", "data wait", "bad", "eta"))
+    with open(run / "metrics.jsonl") as f:
+        rows = [json.loads(l) for l in f]
+    assert all(0.0 <= r["data/wait_frac"] <= 1.0 for r in rows)
 
 
 @pytest.mark.gpu
