@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Train text-to-image diffusion models at scale: DeepSpeed ZeRO, webdataset, CFG.",
     packages=find_packages(include=["framework", "framework.*", "tools", "tools.*"]),
-    package_data={"framework": ["plan_table.json"]},     # framework.plan: probed activations, MFU
+    package_data={"framework.train": ["plan_table.json"]},     # framework.plan: probed activations, MFU
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",            # the Makefile installs torch==2.13.0 (CPU) first on a CPU machine
@@ -23,7 +23,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "fw-train=framework.train:main",
+            "fw-train=framework.train.cli:main",
             "fw-make-shards=tools.make_shards:main",
             "fw-inspect-shards=tools.inspect_shards:main",
             "fw-precompute-text=tools.precompute_text:main",

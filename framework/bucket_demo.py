@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .evaluate import Classifier, load_fashion
+from framework.evaluate import Classifier, load_fashion
 
 __all__ = ["CLASSES", "PLACES", "ITEM", "real_accuracy", "WIDE", "TALL", "canvas", "caption", "write_canvas_shards", "half",
            "position_accuracy", "save_grid"]
@@ -62,7 +62,7 @@ def write_canvas_shards(out: str, n: int, seed: int = 0, classes: Sequence[int] 
     in ``out`` (500 per shard, PNG). Reused when ``out`` already holds n samples."""
     import json
 
-    from .shards import ShardWriter
+    from framework.data.shards import ShardWriter
     mpath = os.path.join(out, "shards.json")
     if os.path.isfile(mpath):
         with open(mpath) as f:

@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .files import atomic_write_text
+from framework.files import atomic_write_text
 
 __all__ = [
     "Config", "BucketConfig", "DataConfig", "TextConfig", "UNetConfig", "DiffusionConfig", "OptimConfig",

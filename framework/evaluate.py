@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import atomic_file
+from framework.files import atomic_file
 
 __all__ = ["CLASSIFIER_VERSION", "load_fashion", "to_input", "Classifier", "train_classifier",
            "accuracy", "features", "data_key", "get_classifier", "frechet_distance",
@@ -49,7 +49,7 @@ CLASSIFIER_VERSION = 1     # bump when the network or its training changes (inva
 # ---------------------------------------------------------------------------------------------
 def load_fashion(split: str = "train", root: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST from Debian's dataset-fashion-mnist -> (images (N, 28, 28) uint8, labels (N,) int64)."""
-    from .sources import FASHION_ROOT
+    from framework.data.sources import FASHION_ROOT
     root = root or FASHION_ROOT
     stem = {"train": "train", "test": "t10k"}[split]
     img, lab = (os.path.join(root, f"{stem}-{k}-idx{d}-ubyte.gz") for k, d in (("images", 3), ("labels", 1)))
@@ -260,7 +260,7 @@ def class_diversity(f: torch.Tensor, labels: torch.Tensor) -> float:
 def class_prompts(per_class: int, num_classes: int = 10) -> tuple[list[str], torch.Tensor]:
     """``per_class`` prompts per class from the training captions' templates (sample j of class c uses
     template j mod #templates), class-major order. -> (prompts, labels (N,))."""
-    from .sources import FASHION_NOUNS, FASHION_TEMPLATES, a_an
+    from framework.data.sources import FASHION_NOUNS, FASHION_TEMPLATES, a_an
     prompts, labels = [], []
     for c in range(num_classes):
         for j in range(per_class):

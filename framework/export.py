@@ -39,13 +39,13 @@ from typing import Optional, Union
 import torch
 import yaml
 
-from . import checkpoint as ckpt
-from .config import Config, from_dict
-from .ema import EMA
-from .files import atomic_dir
-from .latents import add_latent_config, latent_export_info, write_export_vae
-from .pipeline import Pipeline, network_fn
-from .weights import (DIFFUSERS_NAME, DTYPES, FORMAT, WEIGHTS_NAME, load_state_dict_dir, parse_size,
+from framework.train import checkpoint as ckpt
+from framework.config import Config, from_dict
+from framework.train.ema import EMA
+from framework.files import atomic_dir
+from framework.data.latents import add_latent_config, latent_export_info, write_export_vae
+from framework.pipeline import Pipeline, network_fn
+from framework.weights import (DIFFUSERS_NAME, DTYPES, FORMAT, WEIGHTS_NAME, load_state_dict_dir, parse_size,
                       save_state_dict, save_tensors)
 
 __all__ = ["FORMAT", "find_checkpoint", "inspect_checkpoint", "format_inspect", "checkpoint_config",
@@ -231,7 +231,7 @@ def consolidate(path: str, tag: Optional[str] = None, weights: str = "raw",
 
 
 def reshard(path: str, tag: Optional[str] = None) -> str:
-    """DeepSpeed universal checkpoint of a tag (``framework.checkpoint.convert_to_universal``),
+    """DeepSpeed universal checkpoint of a tag (``framework.train.checkpoint.convert_to_universal``),
     loadable on any world size. The trainer does this itself when a run resumes on another world
     size; this is for doing it ahead of time (or for other tools)."""
     tag_dir = find_checkpoint(path, tag)
@@ -249,14 +249,14 @@ def _null_condition(cfg: Config):
     """The null condition exactly as training built it: from the shards' manifest when training
     read precomputed embeddings, else the frozen encoder's ``null()`` (cfg.text.null)."""
     if cfg.data.use_embeddings:
-        from .data import build_loader
+        from framework.data.loader import build_loader
         loader = build_loader(cfg.data, 1, 0, 1, cfg.seed)
         try:
             return loader.null_condition(), "shards manifest (precomputed embeddings)"
         finally:
             if hasattr(loader, "close"):
                 loader.close()
-    from .text import TextEncoder
+    from framework.models.text import TextEncoder
     enc = TextEncoder(cfg.text, device="cpu")
     return enc.null(1), f"TextEncoder({enc.path}).null() in {str(enc.dtype).replace('torch.', '')}"
 
@@ -280,7 +280,7 @@ def write_inference_dir(out: str, sd: dict[str, torch.Tensor], config: dict,
 
 
 def _diffusers_json(cfg: Config) -> dict:
-    from .unet import diffusers_config
+    from framework.models.unet import diffusers_config
     kw = diffusers_config(cfg.unet)
     out = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0",
            "sample_size": cfg.data.image_size}
@@ -311,7 +311,7 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
     sd, info = consolidate(tag_dir, weights=weights, quiet=quiet)
 
     # the state dict must be exactly the UNet's (EMA covers every trainable tensor; the UNet has no buffers)
-    from .unet import UNet
+    from framework.models.unet import UNet
     with torch.device("meta"):
         ref = UNet(cfg.unet).state_dict()
     missing, unexpected = set(ref) - set(sd), set(sd) - set(ref)
@@ -336,7 +336,7 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
     }
     config = {
         "format": FORMAT,
-        "model": {"class": "framework.unet.UNet", "weights": WEIGHTS_NAME, "dtype": dtype},
+        "model": {"class": "framework.models.unet.UNet", "weights": WEIGHTS_NAME, "dtype": dtype},
         "image": {"size": cfg.data.image_size, "channels": cfg.unet.in_channels},
         "unet": asdict(cfg.unet),
         "diffusion": asdict(cfg.diffusion),
@@ -361,7 +361,7 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
         save_tensors(nd, os.path.join(tmp, "null.safetensors"), {"kind": cfg.text.null})
         files = ["null.safetensors"]
         if diffusers:
-            from .unet import to_diffusers_state_dict
+            from framework.models.unet import to_diffusers_state_dict
             ddir = os.path.join(tmp, "unet")
             dfiles = save_state_dict(to_diffusers_state_dict(sd), ddir, DIFFUSERS_NAME, max_shard_size)
             with open(os.path.join(ddir, "config.json"), "w") as f:

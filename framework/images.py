@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import atomic_file
+from framework.files import atomic_file
 
 __all__ = ["to_uint8", "to_pil", "make_grid", "save_grid"]
 

@@ -12,15 +12,15 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import yaml
 
-from .config import DiffusionConfig, SampleConfig, TextConfig, UNetConfig, from_dict
-from .diffusion import Schedule, as_eps_model
-from .images import to_pil, to_uint8
-from .sampling import cfg_model, ddim_sample, ddpm_sample
-from .text import Condition, TextEncoder, cast_floats
-from .buckets import size_cond
-from .unet import CUDA_GRAPH_MODES, UNet, check_size, compile_for_inference
-from .vae import decode_latents, load_export_vae
-from .weights import DTYPES, FORMAT, WEIGHTS_NAME, load_state_dict_dir
+from framework.config import DiffusionConfig, SampleConfig, TextConfig, UNetConfig, from_dict
+from framework.diffusion.process import Schedule, as_eps_model
+from framework.images import to_pil, to_uint8
+from framework.diffusion.sampling import cfg_model, ddim_sample, ddpm_sample
+from framework.models.text import Condition, TextEncoder, cast_floats
+from framework.data.buckets import size_cond
+from framework.models.unet import CUDA_GRAPH_MODES, UNet, check_size, compile_for_inference
+from framework.models.vae import decode_latents, load_export_vae
+from framework.weights import DTYPES, FORMAT, WEIGHTS_NAME, load_state_dict_dir
 
 __all__ = ["Pipeline", "network_fn", "guided_sample", "ModelFn"]
 

@@ -49,5 +49,5 @@ def write_shards(directory: str, n_shards: int, per_shard, size: int = 16, seed:
 
 
 def tiny_encoder(directory: str) -> str:
-    from framework.text import make_tiny_encoder
+    from framework.models.text import make_tiny_encoder
     return make_tiny_encoder(directory)

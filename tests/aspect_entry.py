@@ -32,14 +32,14 @@ class Feed:
                 "size_cond": torch.tensor([[h + 3, w, 3, 0, h, w]] * self.b)}
 
     def null_condition(self):
-        from framework.text import Condition
+        from framework.models.text import Condition
         return Condition(torch.zeros(1, 8, 32), torch.ones(1, 8, dtype=torch.bool))
 
 
 def main(argv=None) -> int:
     import deepspeed
     from framework.config import parse_cli
-    from framework.engine import Trainer
+    from framework.train.engine import Trainer
 
     cfg = parse_cli(argv)
     rank = int(os.environ["RANK"])

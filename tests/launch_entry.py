@@ -37,7 +37,7 @@ def main(argv=None) -> int:
               "master_port": d.master_port, "netns": netns,
               "gloo_ifname": os.environ.get("GLOO_SOCKET_IFNAME", "")}
 
-    from framework.engine import train
+    from framework.train.engine import train
     result = train(cfg)
     record.update(step=result["step"], images_seen=result["images_seen"], losses=result["losses"],
                   stopped_by_signal=bool(result["stopped_by_signal"]),

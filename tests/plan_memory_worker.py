@@ -1,16 +1,16 @@
-"""What each rank of the real DeepSpeed engine holds, by category, to check framework.plan against.
+"""What each rank of the real DeepSpeed engine holds, by category, to check framework.train.plan against.
 
     python tests/plan_memory_worker.py OUT.json [STAGES] [PRECISION]                 # one rank
     torchrun --standalone --nproc_per_node 4 tests/plan_memory_worker.py OUT.json 1,2,3
 
 For each ZeRO stage: the tiny UNet under ``deepspeed.initialize`` with the engine's own DeepSpeed
-config (``framework.engine.build_ds_config``), a torch AdamW passed in, the trainer's EMA, one
+config (``framework.train.engine.build_ds_config``), a torch AdamW passed in, the trainer's EMA, one
 training step (so Adam's state exists), then, from the live tensors:
 
 - ``memory_stats``: the element counts the trainer logs (memory/params_local, memory/optim_local);
 - bytes of the module's weights (ZeRO-3: this rank's partitions), of the optimizer's parameter
   tensors that are not the module's (the fp32 master partition), of Adam's state, of the EMA;
-- a checkpoint written by ``framework.engine.save_checkpoint`` (every rank), its bytes on disk.
+- a checkpoint written by ``framework.train.engine.save_checkpoint`` (every rank), its bytes on disk.
 
 Rank 0 writes {stage: {...}} to OUT.json (per-rank numbers are equal up to one element of padding).
 """
@@ -42,10 +42,10 @@ def measure(stage: int, precision: str, run_root: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from framework import engine as E
+    from framework.train import engine as E
     from framework.config import Config, load_config
     from framework.dist import dist_env
-    from framework.unet import UNet
+    from framework.models.unet import UNet
 
     cfg = Config()
     cfg.unet = load_config(os.path.join(ROOT, "configs", "unet", "tiny.yaml")).unet
@@ -101,7 +101,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
     torch.set_num_threads(1)
-    from framework.engine import init_distributed
+    from framework.train.engine import init_distributed
     init_distributed("cpu")
     import torch.distributed as dist
     root = [tempfile.mkdtemp(prefix="planmem-") if dist.get_rank() == 0 else None]

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from framework.config import ConfigError, UNetConfig, load_config
-from framework.text import Condition
-from framework.unet import UNet, diffusers_config
+from framework.models.text import Condition
+from framework.models.unet import UNet, diffusers_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = UNetConfig(in_channels=2, channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, attention_levels=[0, 1, 2],
@@ -147,8 +147,8 @@ def batch(h: int, w: int, seed: int, size_cond=None) -> dict:
 def test_null_text_dropout_keeps_the_size_condition(tmp_path, p_uncond):
     """The rule: null-text dropout replaces the text only; the size condition goes through as the
     loader gave it (SDXL), and without one the batch's own uncropped shape is used."""
-    from framework.noise import NoiseStream
-    from framework.objectives import DiffusionObjective
+    from framework.diffusion.noise import NoiseStream
+    from framework.train.objectives import DiffusionObjective
     cfg = tiny_cfg(tmp_path, "unet.micro_conditioning=true", f"text.p_uncond={p_uncond}")
     obj = DiffusionObjective(cfg)
     feed = Feed([])
@@ -170,7 +170,7 @@ def test_null_text_dropout_keeps_the_size_condition(tmp_path, p_uncond):
 
 
 def test_bucket_config_is_checked_against_the_unet(tmp_path):
-    from framework.objectives import DiffusionObjective
+    from framework.train.objectives import DiffusionObjective
     obj = DiffusionObjective(tiny_cfg(tmp_path, "data.buckets.enabled=true", "data.buckets.step=6"))
     with pytest.raises(ConfigError, match=r"data.buckets.step=6 must be a multiple of 4"):
         obj.setup("cpu", torch.float32, Feed([]))
@@ -185,7 +185,7 @@ def test_bucket_config_is_checked_against_the_unet(tmp_path):
 @pytest.mark.slow
 def test_non_square_training_under_zero3(tmp_path):
     import deepspeed
-    from framework import engine as E
+    from framework.train import engine as E
     cfg = tiny_cfg(tmp_path, "engine.zero_stage=3", "engine.steps=3", "unet.micro_conditioning=true",
                    "data.buckets.enabled=true", "data.buckets.step=8", "optim.lr=1e-2")
     feed = Feed([batch(8, 24, 0, [[8, 24, 0, 0, 8, 24]] * 4), batch(24, 8, 1, [[30, 9, 3, 0, 24, 8]] * 4),
@@ -207,7 +207,7 @@ def test_non_square_training_under_zero3(tmp_path):
 def test_buckets_noise_mode_keeps_the_shared_stream_in_step():
     """Two ranks holding different shapes draw from the shared generator in step (t, dropout), and
     their eps differ; a resume continues the same draws."""
-    from framework.noise import NoiseStream
+    from framework.diffusion.noise import NoiseStream
     cpu = torch.device("cpu")
     r0, r1 = NoiseStream(5, 0, 2, cpu, mode="buckets"), NoiseStream(5, 1, 2, cpu, mode="buckets")
     one = NoiseStream(5, 0, 1, cpu, mode="global")

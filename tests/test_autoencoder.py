@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from framework.autoencoder import AutoencoderObjective, KLAutoencoder, autoencoder_loss, psnr
+from framework.models.autoencoder import AutoencoderObjective, KLAutoencoder, autoencoder_loss, psnr
 from framework.config import load_config
 from tests._fixtures import write_shards
 from tests._trained import env as _env
@@ -50,7 +50,7 @@ def test_loss_matches_closed_form():
 def test_objective_uses_the_noise_stream_and_the_diffusers_model():
     """The reparameterised draw takes its eps from noise.draw (the trainer's global stream), so a
     forward with the same stream state gives the same loss; the model is diffusers' AutoencoderKL."""
-    from framework.engine import NoiseStream    # torch only at import time
+    from framework.train.engine import NoiseStream    # torch only at import time
     cfg = load_config(os.path.join(ROOT, "configs", "vae", "tiny.yaml"))
     obj = AutoencoderObjective(cfg)
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ def test_trains_zero_ranks_match_resume_exact_and_export(shards, tmp_path):
     got = _losses(part)
     assert sorted(got) == [4, 5, 6]
     assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)], (got, ref)
-    from framework.autoencoder import load_autoencoder_run
+    from framework.models.autoencoder import load_autoencoder_run
     m_ref, _, _ = load_autoencoder_run(single)
     m_res, _, _ = load_autoencoder_run(part)
     for (k, a), (_, b) in zip(m_ref.state_dict().items(), m_res.state_dict().items()):
@@ -135,7 +135,7 @@ def test_trains_zero_ranks_match_resume_exact_and_export(shards, tmp_path):
     # export: a diffusers folder, loaded by AutoencoderKL.from_pretrained and by FrozenVAE
     from diffusers import AutoencoderKL
 
-    from framework.vae import FrozenVAE
+    from framework.models.vae import FrozenVAE
     out = str(tmp_path / "vae")
     r = subprocess.run([sys.executable, "-m", "tools.export_vae", single, out, "--data", shards["test"]],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from framework.flops import flop_counter
+from framework.train.flops import flop_counter
 from tools import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

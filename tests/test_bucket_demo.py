@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from framework import bucket_demo as D
-from framework.sources import FASHION_ROOT
+from framework.data.sources import FASHION_ROOT
 
 needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_ROOT), reason="dataset-fashion-mnist not installed")
 
@@ -44,7 +44,7 @@ def test_center_crop_cuts_every_item_in_half():
 
 @needs_fmnist
 def test_canvas_shards_hold_the_classes_and_places(tmp_path):
-    from framework.data import build_loader
+    from framework.data.loader import build_loader
     from framework.config import BucketConfig, DataConfig
     m = D.write_canvas_shards(str(tmp_path), 64)
     assert m["total"] == 64

@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets (framework/buckets.py): the bucket set of a rule, nearest-aspect assignment,
+"""Aspect-ratio buckets (framework/data/buckets.py): the bucket set of a rule, nearest-aspect assignment,
 the crop bound (< one step on each side), homogeneous batches and their exact resume. Pure Python."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from framework.buckets import (BucketBatcher, assign, bucket_name, buckets_from_config, check_buckets,
+from framework.data.buckets import (BucketBatcher, assign, bucket_name, buckets_from_config, check_buckets,
                                format_histogram, histogram, make_buckets, max_crop_fraction, size_cond)
 from framework.config import BucketConfig, ConfigError, load_config
 

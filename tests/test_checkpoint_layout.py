@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from framework import checkpoint as ck
+from framework.train import checkpoint as ck
 
 
 def fake_save(directory, step, payload=b"x" * 100):

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from framework.classifier import (ClassifierGuide, NoisyClassifier, accuracy_by_t, batch_labels,
+from framework.models.classifier import (ClassifierGuide, NoisyClassifier, accuracy_by_t, batch_labels,
                                   class_index, export_classifier, labels_from_captions,
                                   load_classifier)
 from framework.config import ClassifierConfig, load_config
-from framework.diffusion import Schedule, q_sample
-from framework.sampling import cfg_model, ddim_sample, ddpm_sample
-from framework.sources import FASHION_CLASSES
-from framework.unet import UNet
+from framework.diffusion.process import Schedule, q_sample
+from framework.diffusion.sampling import cfg_model, ddim_sample, ddpm_sample
+from framework.data.sources import FASHION_CLASSES
+from framework.models.unet import UNet
 from tests._fixtures import CLASSES, class_image, write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -362,10 +362,10 @@ def test_trainer_task_classifier_1_rank_captions_equals_zero3_2_ranks_json(tmp_p
                     reason="needs Debian's dataset-fashion-mnist")
 def test_classifier_guidance_sweep_bookkeeping(tmp_path):
     from framework import evaluate as V
-    from framework.classifier import ClassifierGuidanceMethod
+    from framework.models.classifier import ClassifierGuidanceMethod
     from framework.config import DiffusionConfig, SampleConfig, TextConfig, UNetConfig
     from framework.export import Pipeline
-    from framework.text import TextEncoder
+    from framework.models.text import TextEncoder
     from tests._fixtures import tiny_encoder
 
     enc = TextEncoder(TextConfig(encoder=tiny_encoder(str(tmp_path / "enc")), max_length=8), device="cpu")

@@ -1,4 +1,4 @@
-"""framework/data.py on real webdataset shards written to a tmp dir (tiny: 8x8 images)."""
+"""framework/data/loader.py on real webdataset shards written to a tmp dir (tiny: 8x8 images)."""
 from __future__ import annotations
 
 import io
@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from framework.config import DataConfig
-from framework.data import DataError, build_loader, expand_spec, iter_shard_samples
-from framework.shards import ShardWriter
+from framework.data.loader import DataError, build_loader, expand_spec, iter_shard_samples
+from framework.data.shards import ShardWriter
 
 COUNTS = [12, 9, 15, 11, 12, 8, 14, 10, 13, 12]     # 10 shards, unequal, 116 samples
 
@@ -185,7 +185,7 @@ def test_resume_from_epoch_only_and_start_epoch(ds):
 def test_state_from_other_setup_restarts_next_epoch(ds, caplog):
     _, sd, _ = _run(ds, 3, 4, 0, 1, 0)
     L = build_loader(cfg_for(ds), 2, 0, 1, 5)           # another batch size
-    with caplog.at_level(logging.WARNING, logger="framework.data"):
+    with caplog.at_level(logging.WARNING, logger="framework.data.loader"):
         L.load_state_dict(sd)
     assert "cannot resume exactly" in caplog.text
     assert L.step == L.steps_per_epoch and L.epoch == 1
@@ -216,7 +216,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
     assert 0 < n_ok < 8
     cfg = cfg_for(str(tmp_path), max_bad_fraction=0.5, bad_check_after=10, bad_warn_every=1)
     L = build_loader(cfg, 4, 0, 1, 0)
-    with caplog.at_level(logging.WARNING, logger="framework.data"):
+    with caplog.at_level(logging.WARNING, logger="framework.data.loader"):
         keys = keys_of(take(L, L.steps_per_epoch))
     st = L.stats()
     assert st["bad_decode"] == 1 and st["bad_no_caption"] == 1 and st["bad_empty_file"] == 1
@@ -397,7 +397,7 @@ def test_tar_reader_matches_tarfile_and_recovers(tmp_path):
     import gzip
     import tarfile
 
-    from framework.tario import tar_members as _tar_members
+    from framework.data.tario import tar_members as _tar_members
 
     rng = np.random.default_rng(0)
     files = [("k1.txt", b"hello"), ("d/" + "x" * 120 + ".bin", rng.bytes(700)),
@@ -480,12 +480,12 @@ def write_img2dataset(path, n_shards, per_shard, stats=True, caption=lambda key:
 
 
 class TarOpens:
-    """Counts the tar files the reader opens (framework.tario opens local shards with open())."""
+    """Counts the tar files the reader opens (framework.data.tario opens local shards with open())."""
 
     def __init__(self, monkeypatch):
         import builtins
 
-        from framework import tario
+        from framework.data import tario
         self.paths: list[str] = []
         real = builtins.open
 
@@ -511,7 +511,7 @@ def test_img2dataset_tree_without_manifest_reads_no_tar_at_startup(tmp_path, mon
 
 
 def test_tars_without_counts_are_counted_once_cached_and_a_truncated_one_starts(tmp_path, monkeypatch, caplog):
-    from framework import shardlist
+    from framework.data import shardlist
 
     n = 70                                        # >= shardlist._POOL_MIN: the thread pool counts them
     keys = write_img2dataset(tmp_path / "d", n, 2, stats=False)
@@ -520,7 +520,7 @@ def test_tars_without_counts_are_counted_once_cached_and_a_truncated_one_starts(
     with tarfile.open(p) as tf:
         cut = [m.offset_data for m in tf if m.name == "000030001.jpg"][0] + 100
     p.write_bytes(p.read_bytes()[:cut])         # cut inside the second sample's image
-    with caplog.at_level(logging.WARNING, logger="framework.shardlist"):
+    with caplog.at_level(logging.WARNING, logger="framework.data.shardlist"):
         L = build_loader(cfg_for(str(tmp_path / "d"), channels=3, max_bad_fraction=0.5), 4, 0, 1, 0)
     assert "00003.tar" in caplog.text                                   # counted as far as it reads
     cache = json.load(open(tmp_path / "d" / "shards.json"))

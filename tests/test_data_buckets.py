@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets in the loader (framework/data.py + framework/buckets.py) on real shards of
+"""Aspect-ratio buckets in the loader (framework/data/loader.py + framework/data/buckets.py) on real shards of
 images of several shapes: one bucket per batch, nearest-aspect assignment seen in the batches, the
 size condition, exact resume at 2 ranks x 2 workers, equal images per step on every rank, and a
 short real training run with a bit-exact checkpoint/resume."""
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from framework.buckets import assign, make_buckets, nearest_bucket
+from framework.data.buckets import assign, make_buckets, nearest_bucket
 from framework.config import BucketConfig, DataConfig
-from framework.data import build_loader, decode_sample
-from framework.shards import ShardWriter
+from framework.data.loader import build_loader, decode_sample
+from framework.data.shards import ShardWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(20, 40), (40, 20), (30, 30), (24, 36), (36, 24), (27, 31), (50, 26), (19, 45)]   # (h, w), aspects 0.4..2.4
@@ -225,7 +225,7 @@ def test_buckets_off_keeps_the_square_batch(ds, caplog):
 
 def test_bucket_histogram_is_logged_at_each_epoch_end(ds, caplog):
     L = build_loader(cfg_for(ds), 3, 0, 1, 5)
-    with caplog.at_level(logging.INFO, logger="framework.data"):
+    with caplog.at_level(logging.INFO, logger="framework.data.loader"):
         take(L, L.steps_per_epoch)
     assert "images per aspect-ratio bucket" in caplog.text and "24x24" in caplog.text
     L.close()

@@ -1,6 +1,6 @@
 """The diffusion math against hand-checked values and closed forms (CPU, fast).
 
-Closed forms used here are derived in this file independently of framework/diffusion.py:
+Closed forms used here are derived in this file independently of framework/diffusion/process.py:
 for Gaussian data x_0 ~ N(m, s^2 I),
     x_t ~ N(sqrt(abar) m, v I),  v = abar s^2 + 1 - abar
     E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) m) / v
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from framework.config import DiffusionConfig
-from framework.diffusion import (Schedule, as_eps_model, discretized_gaussian_log_likelihood, elbo,
+from framework.diffusion.process import (Schedule, as_eps_model, discretized_gaussian_log_likelihood, elbo,
                                  eps_from_pred, eps_from_score, eps_from_x0, lt_weight,
                                  min_snr_weight, normal_kl, p_mean_from_eps, q_posterior, q_sample,
                                  sample_t, score_from_eps, training_loss, training_target,
@@ -434,7 +434,7 @@ def test_elbo_stride_weights_and_inputs():
     with pytest.raises(ValueError):
         elbo(fn, x0, s, t_stride=0)
     # v-model: same bound as its eps model
-    from framework.diffusion import v_from_eps as vfe
+    from framework.diffusion.process import v_from_eps as vfe
     def v_model(x, t):
         eps = fn(x, t)
         return vfe(eps, x0_from_eps(eps, x, t, s), t, s)
@@ -452,7 +452,7 @@ def test_discretized_likelihood_sums_to_one():
 
 
 def test_elbo_import_path():
-    from framework.diffusion import elbo as e
+    from framework.diffusion.process import elbo as e
     assert callable(e)
 
 

@@ -199,7 +199,7 @@ def test_resume_on_another_world_size(assets, tmp_path, stage, before, after):
 NAN_SCRIPT = r"""
 import sys, torch
 from framework.config import load_config
-from framework.engine import train, NonFiniteLossError
+from framework.train.engine import train, NonFiniteLossError
 cfg = load_config(sys.argv[1], sys.argv[2:])
 bad_steps = {2}
 def batches(all_bad):

@@ -69,7 +69,7 @@ def test_diversity_statistics():
 
 
 def test_class_prompts_use_the_training_templates():
-    from framework.sources import FASHION_TEMPLATES
+    from framework.data.sources import FASHION_TEMPLATES
     prompts, labels = V.class_prompts(8)
     assert len(prompts) == 80 and labels.tolist() == [c for c in range(10) for _ in range(8)]
     assert prompts[0] == "a photo of a t-shirt" and prompts[8] == "a photo of a pair of trousers"
@@ -96,10 +96,10 @@ def test_plot_sweep_draws_several_named_curves(tmp_path):
 def test_guidance_sweep_bookkeeping(tmp_path):
     """The sweep on a random (untrained) pipeline: shapes, keys, the same noise for every gamma."""
     from framework.config import DiffusionConfig, SampleConfig, TextConfig, UNetConfig
-    from framework.diffusion import Schedule
+    from framework.diffusion.process import Schedule
     from framework.export import Pipeline
-    from framework.text import TextEncoder
-    from framework.unet import UNet
+    from framework.models.text import TextEncoder
+    from framework.models.unet import UNet
     from tests._fixtures import tiny_encoder
 
     enc = TextEncoder(TextConfig(encoder=tiny_encoder(str(tmp_path / "enc")), max_length=8), device="cpu")

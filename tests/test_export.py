@@ -126,7 +126,7 @@ def test_export_round_trip_is_exact_and_raw_differs_from_ema(tmp_path_factory, t
 
 def test_null_condition_is_the_training_one(tmp_path_factory):
     from framework.config import TextConfig, from_dict
-    from framework.text import TextEncoder
+    from framework.models.text import TextEncoder
     out = exported(tmp_path_factory, 1, 0)
     import yaml
     with open(os.path.join(out, "config.yaml")) as f:

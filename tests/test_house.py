@@ -11,7 +11,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "framework")
 # what serves inference: loading an export, sampling, guidance, the frozen encoders
-INFERENCE = ["pipeline", "sampling", "diffusion", "unet", "text", "weights", "images", "classifier"]
+INFERENCE = ["pipeline", "diffusion.sampling", "diffusion.process", "models.unet", "models.text", "models.vae",
+             "weights", "images", "models.classifier"]
 
 
 def modules() -> dict[str, str]:
@@ -85,10 +86,10 @@ def test_inference_does_not_reach_the_training_engine():
     edges, _ = imports()
     for m in INFERENCE:
         reach = closure(edges, m)
-        assert "engine" not in reach, f"{m} reaches the training engine through {sorted(reach)}"
+        assert "train.engine" not in reach, f"{m} reaches the training engine through {sorted(reach)}"
     # and at run time: loading the inference modules loads neither the engine nor deepspeed
-    code = ("import sys\nimport framework.pipeline, framework.export, framework.classifier\n"
-            "bad = [m for m in ('framework.engine', 'deepspeed') if m in sys.modules]\n"
+    code = ("import sys\nimport framework.pipeline, framework.export, framework.models.classifier\n"
+            "bad = [m for m in ('framework.train.engine', 'deepspeed') if m in sys.modules]\n"
             "assert not bad, bad\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
@@ -99,5 +100,13 @@ def test_the_checker_sees_a_circle(tmp_path, monkeypatch):
     """The control: a function-level import that closes a circle is found."""
     edges, _ = imports()
     edges = {m: set(t) for m, t in edges.items()}
-    edges["diffusion"].add("engine")
-    assert "diffusion" in closure(edges, "diffusion")
+    edges["diffusion.process"].add("train.engine")
+    assert "diffusion.process" in closure(edges, "diffusion.process")
+
+
+def test_one_home_for_the_shard_format():
+    """The reader and the writer share the format module and do not import each other."""
+    edges, _ = imports()
+    assert "data.shards" not in closure(edges, "data.loader")
+    assert "data.loader" not in closure(edges, "data.shards")
+    assert "data.shardformat" in edges["data.loader"] & edges["data.shards"]

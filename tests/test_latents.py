@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from framework.config import DataConfig
-from framework.latents import RECORDS_DIR, iter_images, precompute_latents
-from framework.vae import LATENT_MEAN, LATENT_STD, FrozenVAE, make_tiny_vae
+from framework.data.latents import RECORDS_DIR, iter_images, precompute_latents
+from framework.models.vae import LATENT_MEAN, LATENT_STD, FrozenVAE, make_tiny_vae
 from tests._fixtures import tiny_encoder, write_shards
 from tests._trained import env as _env
 
@@ -53,7 +53,7 @@ def assets(tmp_path_factory):
 
 
 def _members(path: str) -> dict[str, dict]:
-    from framework.data import iter_shard_samples
+    from framework.data.loader import iter_shard_samples
     return {s["__key__"]: s for s in iter_shard_samples(path)}
 
 
@@ -125,7 +125,7 @@ def test_idempotent_resumes_after_kill_and_splits_ranks(assets):
 
 
 def test_loader_draws_latents_exactly_and_resumes(assets):
-    from framework.data import build_loader
+    from framework.data.loader import build_loader
 
     out = str(assets["dir"] / "lat")
     if not os.path.exists(os.path.join(out, "shards.json")):
@@ -190,7 +190,7 @@ def test_loader_draws_latents_exactly_and_resumes(assets):
 def test_bad_latent_samples_are_skipped_and_counted(assets, tmp_path):
     import webdataset as wds
 
-    from framework.data import build_loader
+    from framework.data.loader import build_loader
     out = str(assets["dir"] / "lat")
     if not os.path.exists(os.path.join(out, "shards.json")):
         _run(assets, out)
@@ -258,7 +258,7 @@ def test_latent_training_export_and_pipeline_decode(assets, tmp_path):
     assert imgs.shape == (1, 1, 16, 16)
     # the decode step undoes the scaling once: diffusers' own decode of z0 / 0.5
     z0 = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    from framework.vae import decode_latents
+    from framework.models.vae import decode_latents
     ref = AutoencoderKL.from_pretrained(os.path.join(exp, "vae"), low_cpu_mem_usage=False)
     with torch.no_grad():
         expect = ref.decode(z0 / ref.config.scaling_factor).sample.clamp(-1, 1)
@@ -266,7 +266,7 @@ def test_latent_training_export_and_pipeline_decode(assets, tmp_path):
     # a wrong VAE is refused at export (not the weights that encoded the shards)
     other = make_tiny_vae(str(tmp_path / "other"), in_channels=1, seed=1)
     from framework.config import load_config
-    from framework.latents import latent_export_info
+    from framework.data.latents import latent_export_info
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
                       [f"data.urls=['{out}']", "data.latents=true", f"vae.path={other}"])
     with pytest.raises(Exception, match="not those that encoded"):
@@ -277,9 +277,9 @@ def test_text_embeddings_compose_with_latents(assets, tmp_path):
     """tools.precompute_text on a latent shard set keeps the latents (and their manifest entry):
     the loader then returns z0 and the precomputed caption embeddings, no image, no encoder."""
     from framework.config import TextConfig
-    from framework.data import build_loader
-    from framework.precompute import precompute_text
-    from framework.text import TextEncoder
+    from framework.data.loader import build_loader
+    from framework.data.precompute import precompute_text
+    from framework.models.text import TextEncoder
 
     out = str(assets["dir"] / "lat")
     if not os.path.exists(os.path.join(out, "shards.json")):

@@ -1,4 +1,4 @@
-"""framework/plan.py and tools/plan.py: closed forms, the probe, the CLI, and the plan against what
+"""framework/train/plan.py and tools/plan.py: closed forms, the probe, the CLI, and the plan against what
 the real DeepSpeed engine holds on 1, 2 and 4 gloo ranks and against the bench's largest micro batch."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from framework import plan as P
+from framework.train import plan as P
 from framework.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from framework import checkpoint as ckpt
+from framework.train import checkpoint as ckpt
 from tests._fixtures import tiny_encoder, write_shards
 from tests._trained import env as _env
 

@@ -1,4 +1,4 @@
-"""One trainer per run directory (framework/runlock.py): real processes holding real lock files."""
+"""One trainer per run directory (framework/train/runlock.py): real processes holding real lock files."""
 from __future__ import annotations
 
 import json
@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-from framework.runlock import LOCK_NAME, RunLock, RunLockError, job_lock
+from framework.train.runlock import LOCK_NAME, RunLock, RunLockError, job_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HOLD = r"""
 import sys, time
-from framework.runlock import RunLock
+from framework.train.runlock import RunLock
 lock = RunLock(sys.argv[1], heartbeat_s=float(sys.argv[2])).acquire()
 print("held", flush=True)
 sys.stdin.read()          # hold until the test closes our stdin (or kills us)
@@ -94,7 +94,7 @@ def test_recycled_pid_is_not_the_holder(tmp_path):
         _write_lock(tmp_path, host=socket.gethostname(), pid=live.pid, pid_start=1, start=time.time())
         with pytest.warns(UserWarning, match="is gone"):
             RunLock(str(tmp_path)).acquire().release()
-        from framework.runlock import _proc_start
+        from framework.train.runlock import _proc_start
         _write_lock(tmp_path, host=socket.gethostname(), pid=live.pid, pid_start=_proc_start(live.pid),
                     start=time.time())
         with pytest.raises(RunLockError, match=f"pid {live.pid}"):
@@ -121,7 +121,7 @@ def test_heartbeat_refreshes_the_lock(tmp_path):
 
 RACE = r"""
 import sys, time
-from framework.runlock import RunLock, RunLockError
+from framework.train.runlock import RunLock, RunLockError
 while time.time() < float(sys.argv[2]):
     pass
 try:
@@ -167,6 +167,6 @@ def test_job_lock_refusal_reaches_every_rank(tmp_path):
 
 def test_unwritable_run_dir_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("not a directory")       # fails even for root
-    from framework.runlock import RunDirError
+    from framework.train.runlock import RunDirError
     with pytest.raises(RunDirError, match="run_dir .*file/run: cannot create"):
         RunLock(str(tmp_path / "file" / "run")).acquire()

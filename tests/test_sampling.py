@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from framework.diffusion import Schedule, eps_from_pred, v_from_eps, x0_from_eps
-from framework.sampling import (cfg_model, classifier_grad_fn, classifier_guided_model, ddim_sample,
+from framework.diffusion.process import Schedule, eps_from_pred, v_from_eps, x0_from_eps
+from framework.diffusion.sampling import (cfg_model, classifier_grad_fn, classifier_guided_model, ddim_sample,
                                 ddpm_sample, langevin_sample, timesteps)
 
 

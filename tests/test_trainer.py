@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from framework import engine as E
+from framework.train import engine as E
 from framework.config import load_config
-from framework.text import Condition
+from framework.models.text import Condition
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_CODE = (os.sep + "deepspeed" + os.sep, os.sep + "torch" + os.sep + "optim" + os.sep)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from framework.config import UNetConfig, load_config
-from framework.unet import (UNet, apply_activation_checkpointing, count_params, diffusers_config,
+from framework.models.unet import (UNet, apply_activation_checkpointing, count_params, diffusers_config,
                             from_diffusers_state_dict, to_diffusers_state_dict)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,7 +183,7 @@ def test_gradient_reaches_every_parameter():
 @pytest.mark.parametrize("kind", [True, "attention", "res"])
 @pytest.mark.equivalence
 def test_activation_checkpointing_identical(kind):
-    from framework.unet import ResBlock, SpatialTransformer
+    from framework.models.unet import ResBlock, SpatialTransformer
     cfg = small_cfg(dropout=0.1)
     torch.manual_seed(0)
     m1 = perturb(UNet(cfg))
@@ -243,7 +243,7 @@ def test_cuda_graph_sampling_net_matches_eager():
     export.network_fn(cuda_graphs=True): each call replays the graph and hands out a copy, so outputs
     of earlier steps stay valid after later replays, and match eager bf16."""
     from framework.export import network_fn
-    from framework.unet import compile_for_inference
+    from framework.models.unet import compile_for_inference
     torch._dynamo.reset()
     cfg = small_cfg(num_res_blocks=1, transformer_depth=1, channel_mult=[1, 2], attention_levels=[1])
     m = perturb(UNet(cfg)).eval().requires_grad_(False).to("cuda", torch.bfloat16)

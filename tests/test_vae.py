@@ -1,4 +1,4 @@
-"""The frozen first stage (framework/vae.py) with real diffusers AutoencoderKL models (tiny, random
+"""The frozen first stage (framework/models/vae.py) with real diffusers AutoencoderKL models (tiny, random
 weights, saved to disk with save_pretrained): loading, freezing, and the latent scaling applied
 exactly once on the way in and undone exactly once on the way out."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from framework.config import ConfigError, VAEConfig
-from framework.vae import (LATENT_MEAN, LATENT_STD, FrozenVAE, LatentError, LatentSpec, check_latent_unet,
+from framework.models.vae import (LATENT_MEAN, LATENT_STD, FrozenVAE, LatentError, LatentSpec, check_latent_unet,
                            make_tiny_vae, save_vae_dir, scale_latent, unscale_latent)
 
 

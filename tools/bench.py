@@ -13,9 +13,9 @@ Sections (``--sections``, default all):
   moves), and its ``mfu`` uses that one.
 - ``flops``: FLOPs per image of one forward and one forward+backward (matmul, conv and attention
   FLOPs by ``torch.utils.flop_counter.FlopCounterMode``), ours vs diffusers' ``UNet2DConditionModel``
-  with the equivalent config (``framework.unet.diffusers_config``), counted on the meta device. The
+  with the equivalent config (``framework.models.unet.diffusers_config``), counted on the meta device. The
   SD2 preset is always counted (the issue asks ours = diffusers within 2%).
-- ``train``: the step of ``framework.engine.train``: q_sample, eps_theta, L_simple, engine.backward,
+- ``train``: the step of ``framework.train.engine.train``: q_sample, eps_theta, L_simple, engine.backward,
   engine.step (DeepSpeed ZeRO-2, torch AdamW passed in (fused on CUDA), bf16 on CUDA / fp32 on CPU,
   gradient clipping 1.0), EMA update; for our UNet and for diffusers' UNet (wrapped so it takes the
   same arguments) under the SAME engine config. ``--engine torch`` runs both under plain torch
@@ -25,7 +25,7 @@ Sections (``--sections``, default all):
   checkpointing), combined with ``+`` (``channels_last+compile``). Default: CUDA
   base,channels_last,compile; CPU base,channels_last (compiling takes minutes per model there).
 - ``sample``: DDIM with classifier-free guidance (cond and uncond in one batched forward,
-  ``framework.sampling.cfg_model``): images/s, ours vs diffusers (bf16 on CUDA, fp32 on CPU;
+  ``framework.diffusion.sampling.cfg_model``): images/s, ours vs diffusers (bf16 on CUDA, fp32 on CPU;
   channels_last converts weights and input, as ``framework.export.Pipeline`` does).
 - ``data``: ``tools.bench_data`` (shards decoded+augmented+batched vs bare PIL decode).
 
@@ -202,19 +202,19 @@ def build_model(preset: str, which: str):
     """Our UNet for the preset, or diffusers' with the equivalent config (wrapped to our signature)."""
     cfg = unet_config(preset)
     if which == "ours":
-        from framework.unet import UNet
+        from framework.models.unet import UNet
         return UNet(cfg)
     if which == "diffusers":
         from diffusers import UNet2DConditionModel
 
-        from framework.unet import diffusers_config
+        from framework.models.unet import diffusers_config
         return _diffusers_module()(UNet2DConditionModel(**diffusers_config(cfg)))
     raise ValueError(f"model must be ours or diffusers, got {which!r}")
 
 
 def set_checkpointing(model, which: str, kind=True) -> None:
     if which == "ours":
-        from framework.unet import apply_activation_checkpointing
+        from framework.models.unet import apply_activation_checkpointing
         apply_activation_checkpointing(model, kind)
     elif kind is True:
         model.unet.enable_gradient_checkpointing()
@@ -227,9 +227,9 @@ def set_checkpointing(model, which: str, kind=True) -> None:
 # ---------------------------------------------------------------------------------------------
 def count_flops(preset: str, which: str, batch: int = 1, device: str = "meta", backward: bool = True) -> dict:
     """FLOPs per image of one forward and (backward=True) one forward+backward of the MSE loss
-    (``framework.flops.count_flops``, the count ``framework.plan`` uses too). On the meta device
+    (``framework.train.flops.count_flops``, the count ``framework.train.plan`` uses too). On the meta device
     nothing is allocated or computed: the count costs the Python overhead only."""
-    from framework.flops import count_flops as count
+    from framework.train.flops import count_flops as count
     shape, ctx = input_shapes(preset)
     return count(lambda: build_model(preset, which), shape, ctx, batch=batch, device=device, backward=backward)
 
@@ -475,7 +475,7 @@ def _engine_setup(cfg, kind: str, engine_kind: str):
     """(DeepSpeed config or None, weight/input dtype, precision label) of the bench's engine."""
     import torch
 
-    from framework import engine as E
+    from framework.train import engine as E
     if engine_kind == "deepspeed":
         denv = E.init_distributed(kind)
         ds_config = E.build_ds_config(cfg, denv.world_size, kind)
@@ -507,12 +507,12 @@ class _Feed:
     def null_condition(self):
         import torch
 
-        from framework.text import Condition
+        from framework.models.text import Condition
         return Condition(torch.zeros(1, self.L, self.D), torch.ones(1, self.L, dtype=torch.bool))
 
 
 class TrainStep:
-    """One (model, variant) trained as ``framework.engine.Trainer`` trains: engine "deepspeed" times
+    """One (model, variant) trained as ``framework.train.engine.Trainer`` trains: engine "deepspeed" times
     ``Trainer.train_step`` itself (q_sample, eps_theta, L_simple with null-text dropout,
     engine.backward, engine.step) plus the EMA update, with the model swapped in through the
     Trainer's model_factory; engine "torch" is a plain-PyTorch reference step (no DeepSpeed, autocast
@@ -526,7 +526,7 @@ class TrainStep:
 
         import torch
 
-        from framework import engine as E
+        from framework.train import engine as E
         self.engine_kind, self.parts, self.device = engine_kind, parts, device
         self.use_ema = ema
         self._losses: list = []
@@ -558,8 +558,8 @@ class TrainStep:
                 self.optimizer = self.optimizer.optimizer
             self.ema = self.trainer.ema if ema else None
         else:
-            from framework import diffusion as D
-            from framework.ema import EMA
+            from framework.diffusion import process as D
+            from framework.train.ema import EMA
             self.sched = D.Schedule.from_config(cfg.diffusion)
             self.grad_clip = cfg.optim.grad_clip
             torch.manual_seed(0)
@@ -591,7 +591,7 @@ class TrainStep:
             if self.ema is not None:
                 self.ema.update(0.999)
             return
-        from framework import diffusion as D
+        from framework.diffusion import process as D
         B = x0.shape[0]
         t = torch.randint(1, self.sched.T + 1, (B,), generator=self.gen, device=self.device)
         eps = torch.randn(x0.shape, generator=self.gen, device=self.device)
@@ -704,7 +704,7 @@ def sampling_net(preset: str, which: str, parts: frozenset, device, dtype) -> Ca
     mode = compile_mode(parts)
     net = model
     if mode and which == "ours":
-        from framework.unet import compile_for_inference
+        from framework.models.unet import compile_for_inference
         net = compile_for_inference(model, mode)
     elif mode:
         net = torch.compile(model, mode=mode, dynamic=False)
@@ -718,8 +718,8 @@ def run_sample(spec: dict) -> list[dict]:
     device, peak_n, flops_fwd_per_image: {model: forward FLOPs}}."""
     import torch
 
-    from framework import diffusion as D
-    from framework.sampling import cfg_model, ddim_sample
+    from framework.diffusion import process as D
+    from framework.diffusion.sampling import cfg_model, ddim_sample
 
     kind, preset = spec["device"], spec["preset"]
     B, S = int(spec["batch"]), int(spec["sample_steps"])
@@ -859,7 +859,7 @@ def run_maxbatch(spec: dict) -> list[dict]:
     out-of-memory error the runner is rebuilt."""
     import torch
 
-    from framework.sampling import cfg_model
+    from framework.diffusion.sampling import cfg_model
     kind, preset, what = spec["device"], spec["preset"], spec["what"]
     (which, variant), = spec["runners"]
     parts = parse_variant(variant)

@@ -30,7 +30,7 @@ from PIL import Image
 
 
 def _fmnist_images(n: int) -> list[Image.Image]:
-    from framework.sources import fashion_mnist_source
+    from framework.data.sources import fashion_mnist_source
     try:
         src = fashion_mnist_source("train")
         return [src.load(i)["image"] for i in range(min(n, len(src)))]
@@ -54,7 +54,7 @@ def _photo_like(rng: np.random.Generator, base: Optional[Image.Image], size: int
 
 
 def write_datasets(tmp: str, n_fmnist: int, n_jpeg: int) -> dict[str, str]:
-    from framework.shards import ShardWriter
+    from framework.data.shards import ShardWriter
 
     out = {}
     fm = _fmnist_images(max(n_fmnist, n_jpeg))
@@ -84,7 +84,7 @@ def _proc_cpu_s(pid: int) -> float:
 
 def bare_decode_rate(path: str, seconds: float) -> dict:
     """PIL decode only (Image.open + load), bytes already in memory, one process."""
-    from framework.data import expand_spec, iter_shard_samples
+    from framework.data.loader import expand_spec, iter_shard_samples
 
     shards, _ = expand_spec(path)
     t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def bare_decode_rate(path: str, seconds: float) -> dict:
 def pipeline_rate(path: str, image_size: int, channels: int, workers: int, batch: int, seconds: float,
                   crop: str = "center", flip: bool = False) -> dict:
     from framework.config import DataConfig
-    from framework.data import build_loader
+    from framework.data.loader import build_loader
 
     cfg = DataConfig(urls=[path], image_size=image_size, channels=channels, num_workers=workers,
                      crop=crop, random_flip=flip, shuffle_buffer=256)
@@ -163,7 +163,7 @@ def startup_times(tmp: str, n_shards: int, per_shard: int = 2, workers: int = 2)
     """Seconds to build the loader (shard list and counts, no sample read) over ``n_shards`` local
     tars without a manifest: the first start, a second start, and with ``_stats.json`` files."""
     from framework.config import DataConfig
-    from framework.data import build_loader
+    from framework.data.loader import build_loader
 
     out = []
     for stats in (False, True):
@@ -184,7 +184,7 @@ def resume_times(path: str, batch: int = 64, fractions=(0.1, 0.5, 0.9), workers:
     """Seconds to the first batch of a fresh loader and of loaders resumed at ``fractions`` of an
     epoch (1 rank; the demo's data settings)."""
     from framework.config import DataConfig
-    from framework.data import build_loader
+    from framework.data.loader import build_loader
 
     cfg = DataConfig(urls=[path], image_size=image_size, channels=1, num_workers=workers,
                      shuffle_buffer=shuffle_buffer)
@@ -222,7 +222,7 @@ def dropped(tmp: str, n_shards: int = 7, per_shard: int = 1000, ranks: int = 2, 
             workers: int = 0) -> dict:
     """Samples the equal-steps rule leaves out per epoch: ``n_shards`` of ``per_shard`` on ``ranks``."""
     from framework.config import DataConfig
-    from framework.data import build_loader
+    from framework.data.loader import build_loader
 
     pattern = write_img2dataset_tree(os.path.join(tmp, f"drop-{n_shards}x{per_shard}"), n_shards, per_shard, True)
     cfg = DataConfig(urls=[pattern], image_size=4, channels=1, num_workers=workers)
@@ -269,8 +269,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             emit(dropped(tmp))
             return results
         if args.which == "resume":
-            from framework.shards import write_shards
-            from framework.sources import fashion_mnist_source
+            from framework.data.shards import write_shards
+            from framework.data.sources import fashion_mnist_source
 
             src = fashion_mnist_source("train")
             for n in args.resume_shards:

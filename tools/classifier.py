@@ -16,7 +16,7 @@ OUT/accuracy_by_t.json.
 --classifier: a run directory (its latest checkpoint's EMA weights) or an exported directory.
 --data: shards (anything data.urls accepts); labels from the json `label`, or the classifier's
 class_names matched in the captions. The images are read at the classifier's data.image_size /
-channels. The logic is framework/classifier.py (``held_out``, ``accuracy_by_t``).
+channels. The logic is framework/models/classifier.py (``held_out``, ``accuracy_by_t``).
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def _ts(text: str, T: int) -> list[int]:
 def accuracy_main(args) -> dict:
     import torch
 
-    from framework.classifier import accuracy_by_t, held_out, load_classifier
-    from framework.diffusion import Schedule
+    from framework.models.classifier import accuracy_by_t, held_out, load_classifier
+    from framework.diffusion.process import Schedule
 
     torch.set_num_threads(max(1, args.threads)) if args.threads else None
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,11 +88,11 @@ def guided_main(args) -> dict:
     import torch
 
     from framework import evaluate as E
-    from framework.classifier import ClassifierGuide, classifier_guidance_sweep
+    from framework.models.classifier import ClassifierGuide, classifier_guidance_sweep
     from framework.export import Pipeline, export
     from framework.images import save_grid
-    from framework.shards import write_shards
-    from framework.sources import fashion_mnist_source
+    from framework.data.shards import write_shards
+    from framework.data.sources import fashion_mnist_source
 
     t_start = time.perf_counter()
     out = os.path.abspath(args.out)

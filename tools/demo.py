@@ -58,9 +58,9 @@ def _phase(name: str) -> None:
 
 def build_shards(out: str) -> dict:
     """Fashion-MNIST train split -> shards (60 x 1000 PNG samples); reused when complete."""
-    from framework.shardformat import read_manifest
-    from framework.shards import write_shards
-    from framework.sources import fashion_mnist_source
+    from framework.data.shardformat import read_manifest
+    from framework.data.shards import write_shards
+    from framework.data.sources import fashion_mnist_source
     manifest = os.path.join(out, "shards.json")
     if os.path.isfile(manifest):
         m = read_manifest(manifest)
@@ -157,7 +157,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
         print(f"exported {ex['tag']} (EMA, {ex['params']:,} parameters) -> {export_dir}")
 
     # ---- 4. sample: a grid of all 10 classes ------------------------------------------------------
-    from framework.sources import FASHION_CLASSES, FASHION_NOUNS, a_an
+    from framework.data.sources import FASHION_CLASSES, FASHION_NOUNS, a_an
     from tools import evaluate as tool_evaluate
     from tools import sample as tool_sample
     sample_dir = os.path.join(args.run_dir, "samples")

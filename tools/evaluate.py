@@ -65,10 +65,10 @@ def methods(args, pipe) -> list[tuple[str, list[float], Optional[Callable]]]:
     """The curves of the sweep: (name, scales, model_wrapper). CFG sweeps its guidance scale; a method
     added here (e.g. classifier guidance on top of CFG at a fixed scale) gets its own named curve.
     A third element with a ``sweep`` method sweeps its own scale (classifier guidance: the classifier
-    scale at a fixed CFG scale, ``framework.classifier.ClassifierGuidanceMethod``)."""
+    scale at a fixed CFG scale, ``framework.models.classifier.ClassifierGuidanceMethod``)."""
     out = [("classifier-free guidance", list(args.gammas), None)]
     if getattr(args, "classifier", None):
-        from framework.classifier import ClassifierGuidanceMethod, ClassifierGuide
+        from framework.models.classifier import ClassifierGuidanceMethod, ClassifierGuide
         guide = ClassifierGuide.load(args.classifier, device=pipe.device)
         name = f"classifier guidance ({args.classifier_form}" + \
             (f", CFG {args.classifier_cfg:g})" if args.classifier_cfg else ", unconditional)")
@@ -83,7 +83,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     from framework import evaluate as V
     from framework.export import Pipeline
     from framework.images import save_grid
-    from framework.sources import FASHION_CLASSES
+    from framework.data.sources import FASHION_CLASSES
 
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)

@@ -7,7 +7,7 @@
 The folder loads with ``diffusers.AutoencoderKL.from_pretrained(out)`` and as ``vae.path=out``. Its
 config.json's scaling_factor is 1/std of the latents measured on --data (default: the run's
 data.urls) unless --scaling-factor gives one; framework_export.json records the reconstruction PSNR
-and the per-channel latent statistics. The logic is framework/autoencoder.py.
+and the per-channel latent statistics. The logic is framework/models/autoencoder.py.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def run(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
-    from framework.autoencoder import export_autoencoder
+    from framework.models.autoencoder import export_autoencoder
 
     summary = export_autoencoder(args.run, args.out, data_urls=args.data or None, checkpoint=args.tag,
                                  weights=args.weights, max_samples=args.samples,

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Optional
 
-from framework.inspection import format_report, inspect_shards
+from framework.data.inspection import format_report, inspect_shards
 from tools._cli import entry_point
 
 

@@ -9,8 +9,8 @@
 
 
 Common options: --prefix, --max-count (samples per shard), --max-bytes (e.g. 256M), --format
-(auto|png|jpg), --limit, --no-shuffle, --seed, --resize. The logic is framework/shards.py (the
-writer) and framework/sources.py. ``count`` writes a counts-only shards.json beside tars written by
+(auto|png|jpg), --limit, --no-shuffle, --seed, --resize. The logic is framework/data/shards.py (the
+writer) and framework/data/sources.py. ``count`` writes a counts-only shards.json beside tars written by
 another tool (e.g. img2dataset without its _stats.json), so that remote copies of them, or
 read-only mounts, start without reading every tar.
 """
@@ -22,9 +22,9 @@ import re
 import sys
 from typing import Optional
 
-from framework import sources as S
-from framework.shards import write_shards
-from framework.shardlist import count_local_tars, expand_spec
+from framework.data import sources as S
+from framework.data.shards import write_shards
+from framework.data.shardlist import count_local_tars, expand_spec
 from tools._cli import entry_point
 
 

@@ -1,5 +1,5 @@
 """Plan a run before launching it: memory per rank, largest micro batch, step time, images/s, time
-and GPU-hours to a target, checkpoint size, shard bandwidth (logic: framework/plan.py).
+and GPU-hours to a target, checkpoint size, shard bandwidth (logic: framework/train/plan.py).
 
     python -m tools.plan --preset sd2 --latent 4x32x32 --cluster a100-80x8 --nodes 8 \\
         --zero 2 --micro-batch 32 --target-images 1e9
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from framework import plan as P
+    from framework.train import plan as P
     from framework.config import load_config
 
     cl = P.cluster(args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,

@@ -9,7 +9,7 @@ then reads latents only (no image decode, no VAE on the trainers).
 
 Resumable: a shard already written (by an earlier, killed run with the same VAE and image size) is
 skipped. Text embeddings: run tools.precompute_text on the output (it keeps every member), or before.
-The vae.* and data.* settings come from --config and dotted overrides. The logic is framework/latents.py.
+The vae.* and data.* settings come from --config and dotted overrides. The logic is framework/data/latents.py.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def run(argv: Optional[list[str]] = None):
 
     from framework.config import load_config
     from framework.dist import dist_env
-    from framework.latents import precompute_latents
-    from framework.vae import FrozenVAE
+    from framework.data.latents import precompute_latents
+    from framework.models.vae import FrozenVAE
 
     bad = [o for o in args.overrides if not o.startswith(("vae.", "data."))]
     if bad:

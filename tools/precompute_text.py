@@ -34,8 +34,8 @@ def run(argv: Optional[list[str]] = None):
 
     from framework.config import load_config
     from framework.dist import dist_env
-    from framework.precompute import precompute_text
-    from framework.text import TextEncoder, resolve_encoder
+    from framework.data.precompute import precompute_text
+    from framework.models.text import TextEncoder, resolve_encoder
 
     bad = [o for o in args.overrides if not o.startswith("text.")]
     if bad:

@@ -82,7 +82,7 @@ def guidance_wrapper(args, pipe) -> Optional[Callable]:
     (``Pipeline.__call__(model_wrapper=...)``): the place for classifier guidance."""
     if not getattr(args, "classifier", None):
         return None
-    from framework.classifier import ClassifierGuide
+    from framework.models.classifier import ClassifierGuide
     sampler = args.sampler or pipe.defaults.sampler
     if args.classifier_form == "mean" and (sampler != "ddpm" or not args.no_clip):
         raise SystemExit("--classifier-form mean is the lecture's mean shift of the plain ancestral sampler: "

@@ -94,11 +94,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .buckets import BucketBatcher, assign, bucket_name, buckets_from_config, format_histogram
-from .shardformat import (DataError, is_remote, join_url, local_path, manifest_caption_lines, sample_captions,
+from framework.data.buckets import BucketBatcher, assign, bucket_name, buckets_from_config, format_histogram
+from framework.data.shardformat import (DataError, is_remote, join_url, local_path, manifest_caption_lines, sample_captions,
                           unpack_embedding, url_dir)
-from .shardlist import Shard, expand_spec
-from .tario import ShardReader, iter_shard_samples, read_samples_at, shard_events
+from framework.data.shardlist import Shard, expand_spec
+from framework.data.tario import ShardReader, iter_shard_samples, read_samples_at, shard_events
 
 __all__ = ["build_loader", "ShardLoader", "DataError", "Shard", "expand_spec", "iter_shard_samples",
            "decode_sample", "STATE_VERSION", "BAD_REASONS"]
@@ -866,7 +866,7 @@ class ShardLoader:
         self.plan = _Plan(cfg, datasets, weights, batch_size, rank, world_size, seed, emb_dims, caption_lines)
         self.latents = None
         if cfg.latents:               # precomputed VAE posteriors (framework/vae.py, tools/precompute_latents)
-            from .vae import LatentSpec
+            from framework.models.vae import LatentSpec
             self.latents = self.plan.latents = LatentSpec.from_manifests(manifests, cfg.latent_scaling_factor)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers = max(0, cfg.num_workers)
@@ -1021,7 +1021,7 @@ class ShardLoader:
         ctx (1,L,D), mask (1,L) [, pooled (1,P)] -- the one to use in null-text dropout and CFG."""
         if not self.embeddings or not self.manifest:
             raise DataError("null_condition(): these shards carry no precomputed embeddings")
-        from .text import Condition
+        from framework.models.text import Condition
 
         base = url_dir(self.plan.datasets[0][0].url)
         e = self.embeddings

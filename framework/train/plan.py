@@ -5,7 +5,7 @@ step time, images/s, time and GPU-hours to a target, checkpoint size, data bandw
                      cluster("a100-80x8", nodes=8))
     plan["memory"]["peak"], plan["max_micro_batch"], plan["step"]["images_per_s"]
 
-The model (what DeepSpeed 0.19 and ``framework.engine`` hold per rank; P trainable parameters, N
+The model (what DeepSpeed 0.19 and ``framework.train.engine`` hold per rank; P trainable parameters, N
 data-parallel ranks, w bytes per weight: 2 bf16, 4 fp32; "part" = ZeRO's flat partition, ~P/N):
 
 | category | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-3 |
@@ -15,7 +15,7 @@ data-parallel ranks, w bytes per weight: 2 bf16, 4 fp32; "part" = ZeRO's flat pa
 | Adam m, v (fp32) | 8P | 8 part | 8 part | 8 part |
 | gradients | wP (+4P bf16) | wP + 4 part | w part + 4 part | w part |
 | reduce buckets | - | reduce_bucket_size x w (x2 with overlap_comm) | same | same |
-| EMA (fp32, framework.engine.EMA) | 4P | 4P | 4P | 4 part |
+| EMA (fp32, framework.train.engine.EMA) | 4P | 4P | 4P | 4 part |
 
 Every ZeRO stage keeps its own fp32 master partition, even when the model is fp32 (measured:
 ZeRO-1/2 ``.clone()`` the partition, ZeRO-3's ``fp32_partitioned_groups_flat`` is a separate
@@ -34,7 +34,7 @@ peaks gives bytes per image and a fixed part. Results are cached in a table: the
 (``framework/plan_table.json``) and a user file (``$FRAMEWORK_PLAN_CACHE`` or
 ``~/.cache/framework/plan_table.json``).
 
-FLOPs per image are ``framework.flops.count_flops``, the count ``tools/bench.py`` reports.
+FLOPs per image are ``framework.train.flops.count_flops``, the count ``tools/bench.py`` reports.
 Communication: ring collectives, hierarchical over nodes (see ``collective_seconds``).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .config import Config, UNetConfig, load_config, to_dict
+from framework.config import Config, UNetConfig, load_config, to_dict
 
 __all__ = ["Cluster", "CLUSTERS", "cluster", "Workload", "make_plan", "rank_memory", "max_micro_batch",
            "collective_seconds", "comm_bytes", "checkpoint_bytes", "sample_bytes", "model_facts",
@@ -58,7 +58,7 @@ __all__ = ["Cluster", "CLUSTERS", "cluster", "Workload", "make_plan", "rank_memo
            "device_memory_bytes", "measured_peak_bytes", "log_fields", "format_plan", "GiB"]
 
 GiB = 2 ** 30
-PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "unet")
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "unet")
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plan_table.json")
 
 # DeepSpeed's defaults for the buckets (deepspeed/runtime/zero/config.py), which build_ds_config
@@ -221,7 +221,11 @@ class Workload:
 # Model facts: parameters, FLOPs (meta device), cached per UNet config and input
 # ---------------------------------------------------------------------------------------------
 def _unet_key(u: UNetConfig) -> str:
-    return hashlib.sha1(json.dumps(to_dict(u), sort_keys=True).encode()).hexdigest()[:12]
+    """A hash of the fields that differ from UNetConfig's defaults: a field added later with a
+    default that keeps the old network leaves every recorded key valid."""
+    base = to_dict(UNetConfig())
+    diff = {k: v for k, v in to_dict(u).items() if base.get(k, object()) != v}
+    return hashlib.sha1(json.dumps(diff, sort_keys=True).encode()).hexdigest()[:12]
 
 
 _FACTS: dict = {}
@@ -234,7 +238,7 @@ def model_facts(w: Workload, flops: bool = True) -> dict:
     (recomputation included). Counted on the meta device; cached per UNet config and input."""
     ukey = _unet_key(w.unet)
     if ukey not in _FACTS:
-        from .unet import UNet
+        from framework.models.unet import UNet
         with torch.device("meta"):
             model = UNet(w.unet)
         numels = [p.numel() for p in model.parameters() if p.requires_grad]
@@ -246,8 +250,8 @@ def model_facts(w: Workload, flops: bool = True) -> dict:
         return out
     key = (ukey, tuple(w.input_shape), tuple(w.context), w.ckpt_kind)
     if key not in _FACTS:
-        from .flops import count_flops
-        from .unet import UNet, apply_activation_checkpointing
+        from framework.train.flops import count_flops
+        from framework.models.unet import UNet, apply_activation_checkpointing
         f = count_flops(lambda: UNet(w.unet), tuple(w.input_shape), tuple(w.context))
         executed = f["fwd_bwd"]
         if w.ckpt_kind != "none":
@@ -286,7 +290,7 @@ def probe_activations(unet: UNetConfig, input_shape: tuple, context: tuple, dtyp
     tensors, same tracker; "device": real tensors on the current CUDA device (max_memory_allocated). Gradients are dropped as they are
     produced (ZeRO-2/3 reduce them into buckets; those are counted separately). -> bytes_per_image,
     fixed_bytes (the line through the two peaks), peaks, mode."""
-    from .unet import UNet, apply_activation_checkpointing
+    from framework.models.unet import UNet, apply_activation_checkpointing
     peaks = []
     for b in batches:
         if mode == "device":
@@ -344,7 +348,7 @@ def _probe_tracked(unet, input_shape, context, dtype, checkpointing, batch, fake
 
 
 def _probe_cuda(unet, input_shape, context, dtype, checkpointing, batch) -> float:
-    from .unet import UNet, apply_activation_checkpointing
+    from framework.models.unet import UNet, apply_activation_checkpointing
     dev = torch.device("cuda", torch.cuda.current_device())
     with torch.device(dev):
         model = UNet(unet).to(dtype)
@@ -404,7 +408,7 @@ import os, warnings
 warnings.filterwarnings("ignore")
 import torch, deepspeed
 torch.set_num_threads(1)
-from framework import engine as E
+from framework.train import engine as E
 from framework.config import Config
 E.init_distributed("cpu")
 cfg = Config(); cfg.engine.zero_stage = 2; cfg.engine.micro_batch = 1; cfg.engine.device = "cpu"
@@ -432,7 +436,7 @@ def cpu_runtime_bytes() -> float:
     env = dict(os.environ, DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_=str(256 * 1024))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(k, None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     p = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE], cwd=root, env=env, capture_output=True,
                        text=True, timeout=600)
     try:

@@ -28,8 +28,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .shardformat import FORMAT, KEY_RE, MANIFEST, npy_bytes, write_manifest
-from .sources import Source
+from framework.data.shardformat import FORMAT, KEY_RE, MANIFEST, npy_bytes, write_manifest
+from framework.data.sources import Source
 
 __all__ = ["ShardWriter", "write_shards", "TAR_MTIME"]
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 from PIL import Image
 
-from .shardformat import IMAGE_EXTS, slug
+from framework.data.shardformat import IMAGE_EXTS, slug
 
 __all__ = ["Source", "folder_source", "table_source", "fashion_mnist_source", "openmoji_source",
            "FASHION_CLASSES", "FASHION_NOUNS", "FASHION_TEMPLATES", "FASHION_ROOT", "a_an", "clean_emoji_name"]

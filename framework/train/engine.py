@@ -20,13 +20,13 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import Config, ConfigError, save_config, to_dict
-from .dist import StopFlag, dist_env, print0, rank_seed, setup_env
-from .ema import EMA, ema_decay_for
-from .noise import NoiseStream
-from .objectives import build_objective
-from .runlock import job_lock
+from framework.train import checkpoint as ckpt
+from framework.config import Config, ConfigError, save_config, to_dict
+from framework.dist import StopFlag, dist_env, print0, rank_seed, setup_env
+from framework.train.ema import EMA, ema_decay_for
+from framework.diffusion.noise import NoiseStream
+from framework.train.objectives import build_objective
+from framework.train.runlock import job_lock
 
 __all__ = ["build_ds_config", "build_optimizer", "init_distributed", "Trainer", "train", "TrainResult",
            "NonFiniteLossError", "EMA", "NoiseStream"]
@@ -432,7 +432,7 @@ class Trainer:
         with init_ctx:
             model = factory()
         if e.activation_checkpointing:
-            from .unet import apply_activation_checkpointing
+            from framework.models.unet import apply_activation_checkpointing
             apply_activation_checkpointing(model, e.activation_checkpointing)
         # engine.channels_last: only the input x_t goes channels_last (in the objective); convolutions
         # then run channels_last (as fast as with converted weights). Converting the weights here
@@ -445,14 +445,14 @@ class Trainer:
             # DeepSpeed's engine.compile compiles the wrapped module in place (nn.Module.compile): the
             # engine's own forward, its hooks (ZeRO-3 gathering) and backward stay outside the graph
             self.engine.compile(backend=e.compile_backend, compile_kwargs=compile_kwargs(e))
-        from .unet import CUDA_GRAPH_MODES
+        from framework.models.unet import CUDA_GRAPH_MODES
         self.cuda_graphs = e.compile and device.type == "cuda" and e.compile_backend == "inductor" and \
             e.compile_mode in CUDA_GRAPH_MODES
         self.ema = EMA(self.engine.module, zero3=e.zero_stage == 3)
         # the planner's memory per rank, before step 0: a warning when the micro batch will not fit
         self.plan_memory = None
         if cfg.log.plan != "off" and rank == 0:
-            from .plan import check_fits, predict_rank_memory
+            from framework.train.plan import check_fits, predict_rank_memory
             self.plan_memory = predict_rank_memory(cfg, world, device,
                                                    probe="auto" if cfg.log.plan == "probe" else "off")
             msg = check_fits(cfg, world, device, memory=self.plan_memory,
@@ -468,11 +468,11 @@ class Trainer:
         self.data_wait_s = 0.0
         self.loader = None
         if data is None:
-            from .data import build_loader
+            from framework.data.loader import build_loader
             self.loader = build_loader(cfg.data, e.micro_batch, rank, world, cfg.seed)
             print0(self.loader.summary())     # shards, samples, steps, what is left out per epoch
             if cfg.data.latents:      # the shards' latents (c, h, w) must fit the UNet
-                from .vae import check_latent_unet
+                from framework.models.vae import check_latent_unet
                 check_latent_unet(self.loader.latents, cfg.unet.in_channels)
         self.objective.setup(device, self.dtype, self.loader if self.loader is not None else data)
 
@@ -603,7 +603,7 @@ class Trainer:
                     if first_log:   # once, after the first step created the optimizer state
                         metrics.update(memory_stats(self.engine, e.zero_stage == 3))
                         if self.plan_memory is not None:    # the plan next to the measured peak
-                            from .plan import log_fields, measured_peak_bytes
+                            from framework.train.plan import log_fields, measured_peak_bytes
                             metrics.update(log_fields(self.plan_memory, measured_peak_bytes(self.device),
                                                       self.device))
                         if e.compile:

@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from .files import atomic_write_text
-from .shardformat import (FORMAT, MANIFEST, DataError, is_remote, join_url, local_path, read_manifest,
+from framework.files import atomic_write_text
+from framework.data.shardformat import (FORMAT, MANIFEST, DataError, is_remote, join_url, local_path, read_manifest,
                           read_stats_count, url_dir, write_manifest)
-from .tario import count_tar
+from framework.data.tario import count_tar
 
 __all__ = ["Shard", "expand_spec", "count_local_tars", "default_cache_dir", "TAR_EXTS"]
 

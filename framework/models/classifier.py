@@ -2,7 +2,7 @@
 
     logits = head(encoder(x_t, t)),   log p(y | x_t) = log_softmax(logits)[y]
 
-Network: the UNet's encoder half, built from the same pieces (``framework.unet``) with the same
+Network: the UNet's encoder half, built from the same pieces (``framework.models.unet``) with the same
 widths and key names (``time_embed``, ``conv_in``, ``down.*``, ``mid.*``), then a pooled head:
 
     time embedding -> conv_in -> down levels [ResBlock (+ self-attention)] x n, Downsample
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .config import ClassifierConfig, UNetConfig
-from .unet import (Attention, ZeroLinear, build_encoder_half, level_heads, run_encoder_half,
+from framework.config import ClassifierConfig, UNetConfig
+from framework.models.unet import (Attention, ZeroLinear, build_encoder_half, level_heads, run_encoder_half,
                    timestep_embedding)
 
 __all__ = ["NoisyClassifier", "AttentionPool", "class_patterns", "labels_from_captions", "batch_labels",
@@ -187,7 +187,7 @@ def class_index(y: Union[int, str], class_names: Sequence[str], num_classes: int
 def run_weights(run_dir: str, checkpoint: Optional[str] = None, weights: str = "ema") -> dict[str, torch.Tensor]:
     """The consolidated weights of a run's checkpoint (None: the newest valid one; or a tag / path):
     ``framework.export.consolidate`` (EMA by default; ZeRO 0-3, any world size)."""
-    from .export import consolidate
+    from framework.export import consolidate
     sd, _ = consolidate(run_dir, tag=None if checkpoint in (None, "", "auto") else checkpoint, weights=weights)
     return sd
 
@@ -198,8 +198,8 @@ def export_classifier(run_dir: str, out: str, checkpoint: Optional[str] = None, 
     ``out/model.safetensors`` (the NoisyClassifier state dict, fp32) and ``out/config.yaml``
     (format, model class, image, unet, diffusion, classifier, export provenance). Written into a
     temporary sibling and renamed. Returns the export summary."""
-    from .config import from_dict, to_dict
-    from .export import FORMAT, checkpoint_config, consolidate, find_checkpoint, write_inference_dir
+    from framework.config import from_dict, to_dict
+    from framework.export import FORMAT, checkpoint_config, consolidate, find_checkpoint, write_inference_dir
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True)")
@@ -216,7 +216,7 @@ def export_classifier(run_dir: str, out: str, checkpoint: Optional[str] = None, 
     summary = {"weights": weights, "tag": info["tag"], "step": info["step"], "checkpoint": tag_dir}
     d = to_dict(cfg)
     config = {"format": FORMAT, "task": "classifier",
-              "model": {"class": "framework.classifier.NoisyClassifier", "weights": "model", "dtype": "fp32"},
+              "model": {"class": "framework.models.classifier.NoisyClassifier", "weights": "model", "dtype": "fp32"},
               "image": {"size": cfg.data.image_size, "channels": cfg.unet.in_channels},
               "unet": d["unet"], "diffusion": d["diffusion"], "classifier": d["classifier"], "export": summary}
     write_inference_dir(out, {k: sd[k].float() for k in ref}, config, metadata={"task": "classifier"})
@@ -232,7 +232,7 @@ def load_classifier(path: str, device: Union[str, torch.device] = "cpu",
     ``Config`` (from an export: its unet, diffusion and classifier sections)."""
     import yaml
 
-    from .config import Config, DiffusionConfig, from_dict
+    from framework.config import Config, DiffusionConfig, from_dict
     cfg_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.yaml (expected a run or an exported directory)")
@@ -241,7 +241,7 @@ def load_classifier(path: str, device: Union[str, torch.device] = "cpu",
     if "format" in raw:                                   # an export directory
         if raw.get("task") != "classifier":
             raise ValueError(f"{path}: an export of a {raw.get('task', 'diffusion')!r} model, not a classifier")
-        from .weights import load_state_dict_dir
+        from framework.weights import load_state_dict_dir
         cfg = Config(task="classifier", unet=from_dict(raw["unet"], UNetConfig),
                      diffusion=from_dict(raw["diffusion"], DiffusionConfig),
                      classifier=from_dict(raw["classifier"], ClassifierConfig))
@@ -264,7 +264,7 @@ def load_classifier(path: str, device: Union[str, torch.device] = "cpu",
 # Guidance
 # ---------------------------------------------------------------------------------------------
 class ClassifierGuide:
-    """A frozen classifier as the pieces ``framework.sampling`` takes.
+    """A frozen classifier as the pieces ``framework.diffusion.sampling`` takes.
 
     - ``log_prob_fn(x_t, t, y) -> (B,)`` = log_softmax(logits)[y]; y an int, a class name or (B,).
     - ``grad_fn(y)`` -> fn(x, t) = grad_x log p(y | x, t) (gradient w.r.t. x only; the classifier's
@@ -325,11 +325,11 @@ class ClassifierGuide:
         return lp.gather(1, y[:, None])[:, 0].to(x.device)
 
     def grad_fn(self, y) -> Callable:
-        from .sampling import classifier_grad_fn
+        from framework.diffusion.sampling import classifier_grad_fn
         return classifier_grad_fn(self.log_prob_fn, y)
 
     def eps_model(self, model_fn: Callable, y, scale: float, sched) -> Callable:
-        from .sampling import classifier_guided_model
+        from framework.diffusion.sampling import classifier_guided_model
         return classifier_guided_model(model_fn, self.log_prob_fn, y, scale, sched)
 
     def mean_shift_model(self, model_fn: Callable, y, scale: float, sched) -> Callable:
@@ -344,8 +344,8 @@ class ClassifierGuide:
         then equals ``ddpm_sample(model_fn, ..., classifier_grad=grad_fn(y), classifier_scale=scale)``.
         Not the mean shift under DDIM's strided steps, nor with clip_x0 (the clamp of x_0 is not linear
         in eps): use the eps form there."""
-        from .diffusion import check_schedule, check_t, p_mean_from_eps
-        from .sampling import check_scale
+        from framework.diffusion.process import check_schedule, check_t, p_mean_from_eps
+        from framework.diffusion.sampling import check_scale
         check_schedule(sched)
         scale = check_scale("classifier scale", scale)
         grad = self.grad_fn(y)
@@ -393,7 +393,7 @@ class ClassifierGuide:
                generator: Optional[torch.Generator] = None, **kw) -> torch.Tensor:
         """Guided sampling: form "eps" (eps correction, any sampler) or "mean" (the lecture's
         ancestral mean shift; DDPM only). model_fn(x, t) -> eps (unconditional, or CFG-wrapped)."""
-        from .sampling import ddim_sample, ddpm_sample
+        from framework.diffusion.sampling import ddim_sample, ddpm_sample
         if form not in ("eps", "mean"):
             raise ValueError(f"classifier guidance form must be 'eps' or 'mean', got {form!r}")
         if form == "mean":
@@ -415,7 +415,7 @@ def accuracy_by_t(model: Callable, images: torch.Tensor, labels: torch.Tensor, s
                   ts: Sequence[int], batch_size: int = 256, seed: int = 0) -> dict[int, float]:
     """Top-1 accuracy of model(x_t, t) on x_t = q_sample(x0, t, eps) for each t in ts.
     images (N, C, H, W) in [-1, 1], labels (N,). Returns {t: accuracy}."""
-    from .diffusion import q_sample
+    from framework.diffusion.process import q_sample
     p = next(model.parameters()) if isinstance(model, nn.Module) else None
     device = p.device if p is not None else images.device
     dtype = p.dtype if p is not None else torch.float32
@@ -439,7 +439,7 @@ def held_out(data_cfg, n: int, cls_cfg: Optional[ClassifierConfig] = None, batch
     """The first n samples of a shard set (no shuffling, one process): images (n, C, H, W) in
     [-1, 1] and labels (n,) (json ``label``, or captions -> ``cls_cfg.class_names``)."""
     import dataclasses
-    from .data import build_loader
+    from framework.data.loader import build_loader
     dc = dataclasses.replace(data_cfg, shardshuffle=False, shuffle_buffer=0, num_workers=0,
                              use_embeddings=False, random_flip=False)
     cls_cfg = cls_cfg or ClassifierConfig()
@@ -469,7 +469,7 @@ def classifier_guidance_sweep(pipe, eval_model, guide: ClassifierGuide, scales: 
     ``cache``: a dict shared between calls: the unguided s = 0 point (same CFG scale and clipping) is
     computed once for both forms.
     -> {"name", "points", "curve", "grids"} as ``guidance_sweep``."""
-    from .evaluate import guidance_sweep
+    from framework.evaluate import guidance_sweep
     guide.check_schedule(pipe.sched)
     if form == "mean":   # the lecture's mean shift is exact on the plain (unclipped) ancestral sampler
         if sweep_kwargs.get("sampler", "ddim") != "ddpm":

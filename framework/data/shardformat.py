@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .files import atomic_write_text
+from framework.files import atomic_write_text
 
 __all__ = ["DataError", "MANIFEST", "FORMAT", "IMAGE_EXTS", "KEY_RE", "slug", "is_remote", "local_path",
            "join_url", "url_dir", "manifest_path", "read_manifest", "write_manifest", "manifest_caption_lines",

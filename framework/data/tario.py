@@ -26,7 +26,7 @@ import os
 import tarfile
 from typing import Callable, Iterator, Optional, Sequence
 
-from .shardformat import DataError, is_remote, local_path
+from framework.data.shardformat import DataError, is_remote, local_path
 
 __all__ = ["tar_members", "tar_records", "ShardReader", "iter_shard_samples", "shard_events",
            "count_tar", "read_samples_at"]

@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .config import ConfigError, VAEConfig
+from framework.config import ConfigError, VAEConfig
 
 __all__ = ["FrozenVAE", "LatentSpec", "LatentError", "scale_latent", "unscale_latent", "weights_digest",
            "read_vae_config", "resolve_scaling", "save_vae_dir", "load_export_vae", "decode_latents",

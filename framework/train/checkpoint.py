@@ -28,7 +28,7 @@ import sys
 import warnings
 from typing import Any, Optional
 
-from .files import atomic_write_text
+from framework.files import atomic_write_text
 
 __all__ = ["TAG_RE", "tag_for", "tmp_tag_for", "ckpt_dir", "finalize", "validate", "complete_tags",
            "find_resume", "read_meta", "update_latest", "prune", "rank_file", "ema_file",

@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import UNetConfig
+from framework.config import UNetConfig
 
 __all__ = ["UNet", "size_multiple", "check_size", "build_encoder_half", "run_encoder_half", "ResBlock", "SpatialTransformer", "timestep_embedding", "apply_activation_checkpointing",
            "count_params", "level_channels", "level_heads", "to_diffusers_state_dict",

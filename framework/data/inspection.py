@@ -15,10 +15,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .files import atomic_write_bytes
-from .shardformat import manifest_caption_lines, sample_captions
-from .shardlist import expand_spec
-from .tario import iter_shard_samples
+from framework.files import atomic_write_bytes
+from framework.data.shardformat import manifest_caption_lines, sample_captions
+from framework.data.shardlist import expand_spec
+from framework.data.tario import iter_shard_samples
 
 __all__ = ["inspect_shards", "format_report"]
 

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .diffusion import (Schedule, check_schedule, randn_like, as_eps_model, check_t, eps_from_x0,
+from framework.diffusion.process import (Schedule, check_schedule, randn_like, as_eps_model, check_t, eps_from_x0,
                         p_mean_from_eps, q_posterior, score_from_eps, x0_from_eps)
 
 __all__ = [

@@ -11,11 +11,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .files import atomic_write_bytes, atomic_write_text
-from .shardformat import (MANIFEST, join_url, manifest_caption_lines, npy_bytes, pack_embeddings, read_manifest,
+from framework.files import atomic_write_bytes, atomic_write_text
+from framework.data.shardformat import (MANIFEST, join_url, manifest_caption_lines, npy_bytes, pack_embeddings, read_manifest,
                           sample_captions, write_manifest)
-from .shards import TAR_MTIME
-from .tario import iter_shard_samples
+from framework.data.shards import TAR_MTIME
+from framework.data.tario import iter_shard_samples
 
 __all__ = ["precompute_text"]
 

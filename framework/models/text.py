@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .config import ConfigError, TextConfig
+from framework.config import ConfigError, TextConfig
 
 __all__ = ["Condition", "cast_floats", "TextEncoder", "null_dropout", "resolve_encoder", "make_tiny_encoder",
            "clip_tokenizer_from_open_clip", "ALIASES"]

@@ -21,10 +21,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import diffusion as D
-from .buckets import buckets_from_config, size_cond
-from .config import Config, ConfigError
-from .text import Condition, cast_floats
+from framework.diffusion import process as D
+from framework.data.buckets import buckets_from_config, size_cond
+from framework.config import Config, ConfigError
+from framework.models.text import Condition, cast_floats
 
 __all__ = ["DiffusionObjective", "ClassifierObjective", "build_objective", "check_widths"]
 
@@ -82,7 +82,7 @@ class DiffusionObjective(_NoisedImages):
 
     def check_buckets(self) -> list:
         """data.buckets resolved and checked against the UNet's factor (x pixel_factor): -> [(h, w)] px."""
-        from .unet import size_multiple
+        from framework.models.unet import size_multiple
         try:
             return buckets_from_config(self.cfg.data.buckets, self.cfg.data.image_size,
                                        size_multiple(self.cfg.unet) * self.pixel_factor)
@@ -90,7 +90,7 @@ class DiffusionObjective(_NoisedImages):
             raise ConfigError(str(e)) from None
 
     def build_model(self) -> torch.nn.Module:
-        from .unet import UNet
+        from framework.models.unet import UNet
         return UNet(self.cfg.unet)
 
     def setup(self, device, dtype, batch_source) -> None:
@@ -98,7 +98,7 @@ class DiffusionObjective(_NoisedImages):
         cfg = self.cfg
         self.buckets = self.check_buckets()
         if not cfg.data.use_embeddings:
-            from .text import TextEncoder
+            from framework.models.text import TextEncoder
             self.encoder = TextEncoder(cfg.text, device=self.device)
             self.null = self.encoder.null(1)
             check_widths(cfg, self.encoder.dim, self.encoder.pooled_dim, f"text encoder {self.encoder.path}")
@@ -118,7 +118,7 @@ class DiffusionObjective(_NoisedImages):
             cond = self.encoder.encode(list(batch["caption"]))
         if self.null is None:
             raise ConfigError("data.use_embeddings is on but no null condition is known: read the "
-                              "shards through framework.data (their manifest holds it)")
+                              "shards through framework.data.loader (their manifest holds it)")
         cond = cond.where(u < self.cfg.text.p_uncond, self.null)
         return cast_floats(cond.as_kwargs(), self.dtype)
 
@@ -153,8 +153,8 @@ class DiffusionObjective(_NoisedImages):
         forward is collective); rank 0 writes RUN/samples/stepN.png. Needs the text encoder."""
         if self.encoder is None or self.cfg.data.latents:   # latents: the Pipeline decodes them
             return None
-        from .images import save_grid
-        from .pipeline import guided_sample, network_fn
+        from framework.images import save_grid
+        from framework.pipeline import guided_sample, network_fn
         s, cfg = self.cfg.sample, self.cfg
         prompts = s.prompts or ["a photo"]
         cond = self.encoder.encode(prompts)
@@ -187,11 +187,11 @@ class ClassifierObjective(_NoisedImages):
     name = "classifier"
 
     def build_model(self) -> torch.nn.Module:
-        from .classifier import NoisyClassifier
+        from framework.models.classifier import NoisyClassifier
         return NoisyClassifier(self.cfg.unet, self.cfg.classifier)
 
     def loss(self, forward: Callable, batch: dict, noise) -> torch.Tensor:
-        from .classifier import batch_labels
+        from framework.models.classifier import batch_labels
         x0, t, eps, u, x_t = self.noised(batch, noise)
         logits = forward(x_t, t).float()
         labels = batch_labels(batch, self.cfg.classifier).to(self.device)
@@ -199,7 +199,7 @@ class ClassifierObjective(_NoisedImages):
 
 
 def _autoencoder(cfg: Config):
-    from .autoencoder import AutoencoderObjective   # imports diffusers: only for this task
+    from framework.models.autoencoder import AutoencoderObjective   # imports diffusers: only for this task
     return AutoencoderObjective(cfg)
 
 

@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from .dist import rank_seed
+from framework.dist import rank_seed
 
 __all__ = ["NoiseStream"]
 

@@ -27,11 +27,11 @@ PEER_GRACE_S = 3.0
 
 
 def _expected_errors() -> tuple:
-    from .checkpoint import CheckpointError, CheckpointWriteError
-    from .config import ConfigError
-    from .data import DataError
-    from .engine import NonFiniteLossError
-    from .runlock import RunLockError
+    from framework.train.checkpoint import CheckpointError, CheckpointWriteError
+    from framework.config import ConfigError
+    from framework.data.loader import DataError
+    from framework.train.engine import NonFiniteLossError
+    from framework.train.runlock import RunLockError
     return (ConfigError, DataError, RunLockError, CheckpointWriteError, CheckpointError, NonFiniteLossError)
 
 
@@ -53,10 +53,10 @@ def report(e: BaseException, rank: int, stop=None) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .dist import StopFlag, die_with_launcher
+    from framework.dist import StopFlag, die_with_launcher
     die_with_launcher()          # a worker whose launcher dies exits within seconds (no orphans)
     stop = StopFlag()            # before the slow imports: a preemption signal during setup still counts
-    from .config import ConfigError, parse_cli
+    from framework.config import ConfigError, parse_cli
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     try:
@@ -64,13 +64,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         stop.restore()
         return report(e, rank)
-    from .engine import train
+    from framework.train.engine import train
     try:
         result = train(cfg, stop=stop)
     except _expected_errors() as e:
         stop.restore()
         return report(e, rank)
-    from .dist import print0
+    from framework.dist import print0
     print0(f"done: step {result['step']}, {result['images_seen']} images"
            + (" (stopped by signal, checkpointed)" if result["stopped_by_signal"] else ""))
     return 0

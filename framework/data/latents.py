@@ -11,7 +11,7 @@ posterior of its image, fp16::
     KEY.zstd.npy    (c, h, w)   sigma of q(z|x)
 
 The trainer (``data.latents=true``) draws a fresh z = mu + sigma * eps per (seed, epoch, key) and
-scales it once (``framework.vae.LatentSpec``). ``shards.json`` records the VAE (path, sha256 of its
+scales it once (``framework.models.vae.LatentSpec``). ``shards.json`` records the VAE (path, sha256 of its
 weights), the scaling (scale, shift) and the latent shape, and the samples skipped by reason.
 
 Splitting and resuming: output shard i is written by rank ``i % world`` (torchrun, any number of
@@ -35,9 +35,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .data import decode_sample, expand_spec, iter_shard_samples
-from .vae import LATENT_MEAN, LATENT_STD, FrozenVAE
+from framework.config import DataConfig
+from framework.data.loader import decode_sample, expand_spec, iter_shard_samples
+from framework.models.vae import LATENT_MEAN, LATENT_STD, FrozenVAE
 
 __all__ = ["iter_images", "precompute_latents", "latent_export_info", "add_latent_config", "write_export_vae",
            "RECORDS_DIR"]
@@ -238,8 +238,8 @@ def latent_export_info(cfg) -> Optional[dict]:
     the path recorded in the shards' manifest; its weights must be the ones that encoded the shards."""
     if not getattr(cfg.data, "latents", False):
         return None
-    from .config import ConfigError
-    from .vae import LatentSpec, weights_digest
+    from framework.config import ConfigError
+    from framework.models.vae import LatentSpec, weights_digest
 
     manifests = [expand_spec(u, allow_pipe=cfg.data.allow_pipe)[1] for u in cfg.data.urls]
     spec = LatentSpec.from_manifests(manifests, cfg.data.latent_scaling_factor)
@@ -266,7 +266,7 @@ def add_latent_config(config: dict, latent: dict) -> None:
 
 def write_export_vae(latent: dict, out_dir: str) -> list[str]:
     """``out_dir/vae/``: the VAE (weights byte for byte) with the training scaling in its config.json."""
-    from .vae import save_vae_dir
+    from framework.models.vae import save_vae_dir
     files = save_vae_dir(latent["source"], os.path.join(out_dir, latent["vae"]),
                          latent["scaling_factor"], latent["shift_factor"])
     return [f"{latent['vae']}/{f}" for f in files]

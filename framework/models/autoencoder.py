@@ -32,7 +32,7 @@ import torch
 from diffusers import AutoencoderKL   # at import time, not in __init__: importing diffusers inside ZeRO-3's
 from torch import nn                  # zero.Init (which patches torch.Tensor.__new__) fails in torch._dynamo
 
-from .config import AutoencoderConfig, Config, DataConfig
+from framework.config import AutoencoderConfig, Config, DataConfig
 
 __all__ = ["KLAutoencoder", "AutoencoderObjective", "autoencoder_loss", "psnr", "evaluate_autoencoder",
            "export_autoencoder", "load_autoencoder_run"]
@@ -141,7 +141,7 @@ def evaluate_autoencoder(vae, urls, data_cfg: DataConfig, max_samples: int = 100
     order, center crop, no flip): PSNR of the reconstruction D(mu) (dataset level, from the mean MSE,
     and the mean of per-image PSNRs), and per-channel mean/std of posterior draws z = mu + sigma*eps
     (raw, unscaled); ``scaling_factor`` = 1/std over all latent elements (LDM 4.3.2)."""
-    from .latents import iter_images
+    from framework.data.latents import iter_images
 
     model = vae.vae if isinstance(vae, KLAutoencoder) else vae
     was_training = model.training
@@ -194,8 +194,8 @@ def load_autoencoder_run(path: str, checkpoint: Optional[str] = None, weights: s
     """A task=autoencoder run directory (its newest valid checkpoint, or ``checkpoint``) ->
     (KLAutoencoder with the consolidated weights, fp32, eval; the config that made it; the
     checkpoint summary). ZeRO 0-3, any world size."""
-    from .config import from_dict
-    from .export import checkpoint_config, consolidate, find_checkpoint
+    from framework.config import from_dict
+    from framework.export import checkpoint_config, consolidate, find_checkpoint
 
     tag_dir = find_checkpoint(path, None if checkpoint in (None, "", "auto") else checkpoint)
     cfg = from_dict(checkpoint_config(tag_dir))
@@ -218,7 +218,7 @@ def export_autoencoder(path: str, out: str, data_urls=None, checkpoint: Optional
     measured on ``data_urls`` (default: the run's data.urls; or the given ``scaling_factor``), plus
     ``framework_export.json`` (provenance, PSNR, latent statistics). Written into a temporary sibling
     and renamed. Returns the summary."""
-    from .files import atomic_dir
+    from framework.files import atomic_dir
 
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:

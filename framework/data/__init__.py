@@ -1,0 +1,1 @@
+"""Shards: the format, reading (split, shuffle, decode, resume), writing, sources, precomputation."""
