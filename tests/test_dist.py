@@ -111,7 +111,7 @@ def test_worker_dies_with_its_launcher(method):
         launcher.kill()                       # SIGKILL: the launcher cannot pass anything on
         launcher.wait()
         t0 = time.time()
-        while time.time() - t0 < 5 and not _gone(pid):
+        while time.time() - t0 < (1.5 if method == "none" else 5) and not _gone(pid):
             time.sleep(0.05)
         if method == "none":                  # without it the worker outlives its launcher
             assert not _gone(pid)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -94,8 +93,8 @@ def test_recycled_pid_is_not_the_holder(tmp_path):
         _write_lock(tmp_path, host=socket.gethostname(), pid=live.pid, pid_start=1, start=time.time())
         with pytest.warns(UserWarning, match="is gone"):
             RunLock(str(tmp_path)).acquire().release()
-        from framework.train.runlock import _proc_start
-        _write_lock(tmp_path, host=socket.gethostname(), pid=live.pid, pid_start=_proc_start(live.pid),
+        from framework.train.runlock import process_start_time
+        _write_lock(tmp_path, host=socket.gethostname(), pid=live.pid, pid_start=process_start_time(live.pid),
                     start=time.time())
         with pytest.raises(RunLockError, match=f"pid {live.pid}"):
             RunLock(str(tmp_path)).acquire()

@@ -36,7 +36,7 @@ import time
 import warnings
 from typing import Callable, Optional
 
-__all__ = ["RunLock", "RunLockError", "RunDirError", "LOCK_NAME", "job_lock"]
+__all__ = ["RunLock", "RunLockError", "RunDirError", "LOCK_NAME", "job_lock", "process_start_time"]
 
 LOCK_NAME = "trainer.lock"
 STALE_S = 300.0        # another host's lock without a heartbeat for this long is stale
@@ -51,7 +51,7 @@ class RunDirError(RunLockError):
     """The run directory cannot hold a lock at all (not a directory, not writable, ...)."""
 
 
-def _proc_start(pid: int) -> Optional[int]:
+def process_start_time(pid: int) -> Optional[int]:
     """The kernel start time of ``pid`` (clock ticks since boot; Linux), None where unknown."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -68,7 +68,7 @@ def _pid_alive(pid: int, start: Optional[int]) -> bool:
         return False
     except PermissionError:     # exists, another user's
         pass
-    now = _proc_start(pid)
+    now = process_start_time(pid)
     return not (start is not None and now is not None and now != start)   # a recycled pid is not the holder
 
 
@@ -93,7 +93,7 @@ class RunLock:
 
     # -- the lock file ---------------------------------------------------------------------------
     def _content(self, start: float) -> str:
-        return json.dumps({"host": self.host, "pid": self.pid, "pid_start": _proc_start(self.pid),
+        return json.dumps({"host": self.host, "pid": self.pid, "pid_start": process_start_time(self.pid),
                            "start": start, "heartbeat": time.time(), "token": self.token}) + "\n"
 
     def _write_private(self, start: float) -> str:
