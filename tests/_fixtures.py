@@ -51,3 +51,12 @@ def write_shards(directory: str, n_shards: int, per_shard, size: int = 16, seed:
 def tiny_encoder(directory: str) -> str:
     from framework.models.text import make_tiny_encoder
     return make_tiny_encoder(directory)
+
+
+def engine_assets(d) -> dict:
+    """A tiny encoder and 16 shards of exactly 4 samples under ``d`` (a pathlib dir): with no shuffling,
+    rank r of 2 reads shards r, r+2, ... so the 2-rank global batch of step k (shards 2k, 2k+1) is
+    exactly the 1-rank batch of 8 at step k."""
+    enc = tiny_encoder(str(d / "enc"))
+    write_shards(str(d / "shards"), 16, 4, size=16)
+    return {"enc": enc, "urls": str(d / "shards" / "data-{000000..000015}.tar"), "dir": d}

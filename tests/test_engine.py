@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests._fixtures import tiny_encoder, write_shards
+from tests._fixtures import engine_assets
 from tests._trained import env as _env   # a clean launcher environment for child processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,12 +23,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("engine_assets")
-    enc = tiny_encoder(str(d / "enc"))
-    # 16 shards of exactly 4 samples: with no shuffling, rank r of 2 reads shards r, r+2, ... so the
-    # 2-rank global batch of step k (shards 2k, 2k+1) is exactly the 1-rank batch of 8 at step k.
-    write_shards(str(d / "shards"), 16, 4, size=16)
-    return {"enc": enc, "urls": str(d / "shards" / "data-{000000..000015}.tar")}
+    return engine_assets(tmp_path_factory.mktemp("engine_assets"))
 
 
 def _cmd(nproc: int) -> list[str]:

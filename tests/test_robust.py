@@ -30,7 +30,7 @@ import time
 import pytest
 
 from framework.train import checkpoint as ckpt
-from tests._fixtures import tiny_encoder, write_shards
+from tests._fixtures import engine_assets
 from tests._trained import env as _env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +39,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("robust_assets")
-    enc = tiny_encoder(str(d / "enc"))
-    write_shards(str(d / "shards"), 16, 4, size=16)
-    return {"enc": enc, "urls": str(d / "shards" / "data-{000000..000015}.tar"), "dir": d}
+    return engine_assets(tmp_path_factory.mktemp("robust_assets"))
 
 
 def _cmd(nproc: int, entry=("-m", "framework.train")) -> list[str]:
