@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 # torch would pull a multi-GB CUDA build.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 PYTEST_ARGS ?=
+MARK ?= not long
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system test test-fast demo bench clean
+.PHONY: install system test test-long test-fast demo bench clean
 
 # Debian packages: the Fashion-MNIST files (demo data) and iproute2 (the two-host launch test).
 system:
@@ -31,8 +32,12 @@ $(STAMP): setup.py Makefile
 
 install: system $(STAMP)
 
+# `make test`: everything but the minutes-long soak/validation runs (`make test-long`; CI runs both)
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q -m "$(MARK)" $(PYTEST_ARGS) tests
+
+test-long: install
+	$(BIN)/python -m pytest -q -m long tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not distributed" tests

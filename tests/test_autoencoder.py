@@ -98,6 +98,7 @@ def _losses(run_dir) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.long
 def test_trains_zero_ranks_match_resume_exact_and_export(shards, tmp_path):
     # 1 rank, ZeRO-0, global batch 8: the loss falls
     single = str(tmp_path / "single")

@@ -277,6 +277,7 @@ ALL = os.environ.get("PLAN_TEST_ALL") == "1"
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("nproc,precision", [(2, "fp32"), (1, "bf16")] +
                          ([(1, "fp32"), (2, "bf16"), (4, "fp32")] if ALL else []))
 def test_plan_matches_engine_memory(nproc, precision, tmp_path):
@@ -288,6 +289,7 @@ def test_plan_matches_engine_memory(nproc, precision, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_largest_micro_batch_within_10pct_of_bench(tmp_path):
     """tools/bench.py --sections maxbatch (ZeRO-2 + EMA, fp32, peak RSS under a limit) against the
     plan's largest micro batch on the cpu cluster with that limit as its memory."""

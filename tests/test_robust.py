@@ -220,7 +220,7 @@ import os, resource, sys
 rank, limit = sys.argv[1], int(sys.argv[2])
 if os.environ.get("RANK") == rank:        # this rank's disk is "full": writes past `limit` bytes fail
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-from framework.train import main
+from framework.train.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -301,7 +301,7 @@ def _bad_inputs(assets, tmp):
 # every case in one process (framework.train.main called once per case): the imports once, not 10x
 BAD_INPUTS_SCRIPT = r"""
 import contextlib, io, json, sys, traceback
-from framework.train import main
+from framework.train.cli import main
 out = []
 for argv in json.loads(sys.argv[1]):
     err = io.StringIO()
@@ -337,6 +337,7 @@ def test_bad_inputs_give_one_line_and_a_distinct_status(assets, tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage,n_kills", [(2, 2), (3, 1)])
 @pytest.mark.equivalence
+@pytest.mark.long
 def test_soak_sigkill_at_random_moments_then_resume_equals_uninterrupted(assets, tmp_path_factory, tmp_path,
                                                                           stage, n_kills):
     seed = int(os.environ.get("FW_SOAK_SEED", "1234")) + stage

@@ -516,8 +516,8 @@ class TrainStep:
     ``Trainer.train_step`` itself (q_sample, eps_theta, L_simple with null-text dropout,
     engine.backward, engine.step) plus the EMA update, with the model swapped in through the
     Trainer's model_factory; engine "torch" is a plain-PyTorch reference step (no DeepSpeed, autocast
-    bf16 on CUDA) for comparison. Any batch size (the engine does not fix it). The caption mask is
-    always passed (all true without --mask), as the text encoder always gives one in training."""
+    bf16 on CUDA) for comparison. Any batch size (the engine does not fix it). Without --mask the
+    embeddings carry no mask (every token attended, as SD's CLIP conditioning)."""
 
     def __init__(self, preset: str, which: str, parts: frozenset, device, engine_kind: str, cfg,
                  ds_config: Optional[dict], ema: bool = True):
@@ -583,8 +583,6 @@ class TrainStep:
     def step(self, x0, ctx, mask=None) -> None:
         import torch
 
-        if mask is None:
-            mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
         if self.engine_kind == "deepspeed":
             self.feed.batch = {"image": x0, "ctx": ctx, "ctx_mask": mask}
             self._losses.append(self.trainer.train_step())

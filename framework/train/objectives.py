@@ -110,15 +110,21 @@ class DiffusionObjective(_NoisedImages):
     def condition(self, batch: dict, u: torch.Tensor) -> dict:
         """Caption (or precomputed embedding) -> the UNet's ctx / ctx_mask [/ pooled] keywords, with
         null-text dropout where u < p_uncond."""
+        if self.null is None:
+            raise ConfigError("data.use_embeddings is on but no null condition is known: read the "
+                              "shards through framework.data.loader (their manifest holds it)")
+        if "ctx" in batch and batch.get("ctx_mask") is None:
+            # embeddings without a mask attend to every token (as SD's CLIP conditioning does): the
+            # dropout swaps in the null's tokens only
+            ctx = batch["ctx"].to(self.device).float()
+            ctx = torch.where((u < self.cfg.text.p_uncond)[:, None, None], self.null.ctx.to(ctx), ctx)
+            return cast_floats({"ctx": ctx, "ctx_mask": None, "pooled": None}, self.dtype)
         if "ctx" in batch:
             pooled = batch.get("pooled")
             cond = Condition(ctx=batch["ctx"].to(self.device).float(), mask=batch["ctx_mask"].to(self.device),
                              pooled=pooled.to(self.device) if pooled is not None else None)
         else:
             cond = self.encoder.encode(list(batch["caption"]))
-        if self.null is None:
-            raise ConfigError("data.use_embeddings is on but no null condition is known: read the "
-                              "shards through framework.data.loader (their manifest holds it)")
         cond = cond.where(u < self.cfg.text.p_uncond, self.null)
         return cast_floats(cond.as_kwargs(), self.dtype)
 
