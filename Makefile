@@ -13,7 +13,7 @@ export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo c
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system test test-long test-fast demo bench clean
+.PHONY: install system test test-long test-bench test-fast demo bench clean
 
 # Debian packages: the Fashion-MNIST files (demo data) and iproute2 (the two-host launch test).
 system:
@@ -37,7 +37,11 @@ test: install
 	$(BIN)/python -m pytest -q -m "$(MARK)" $(PYTEST_ARGS) tests
 
 test-long: install
-	$(BIN)/python -m pytest -q -m long tests
+	$(BIN)/python -m pytest -q -m "long and not bench" tests
+
+# the planner against live measurements of this machine (machine-dependent: not in CI)
+test-bench: install
+	$(BIN)/python -m pytest -q -m bench tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not distributed" tests

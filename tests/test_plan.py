@@ -290,9 +290,12 @@ def test_plan_matches_engine_memory(nproc, precision, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.long
+@pytest.mark.bench
 def test_largest_micro_batch_within_10pct_of_bench(tmp_path):
     """tools/bench.py --sections maxbatch (ZeRO-2 + EMA, fp32, peak RSS under a limit) against the
-    plan's largest micro batch on the cpu cluster with that limit as its memory."""
+    plan's largest micro batch on the cpu cluster with that limit as its memory. A measurement of the
+    machine, not of the code: the RSS-limited probe found 70 in a warm checkout and 62-63 in a fresh
+    clone on the same machine (plan: 72), so it runs with `make test-bench`, not in CI."""
     limit_mb = 1000
     out = tmp_path / "mb.jsonl"
     p = subprocess.run([sys.executable, "-m", "tools.bench", "--threads", "1", "--presets", "tiny", "--sections",
