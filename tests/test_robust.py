@@ -389,10 +389,10 @@ def test_soak_sigkill_at_random_moments_then_resume_equals_uninterrupted(assets,
     resume_at = _newest_step(d)
     assert 0 < resume_at < STEPS, kills
     out = run(assets, d, 2, common).stdout             # the last resume runs to the end
-    # it resumed from a sealed checkpoint before the end (which one depends on when the last kill landed
-    # relative to the rename that seals a tag: the newest seen just after the kill may be one behind)
+    # it resumed from a sealed checkpoint before the end; which one depends on where the last kill
+    # landed in the seal (rename, then `latest`): a tag renamed but not yet named by `latest` is passed over
     m = re.search(r"resumed from \S+ at step (\d+)", out)
-    assert m and 0 < int(m.group(1)) < STEPS and int(m.group(1)) >= resume_at, (kills, out[-2000:])
+    assert m and 0 < int(m.group(1)) <= resume_at, (kills, out[-2000:])
     want, got = losses(ref), losses(d)
     assert [got[s] for s in range(1, STEPS + 1)] == [want[s] for s in range(1, STEPS + 1)]
     assert _same_weights(_weights(d, "raw"), _weights(ref, "raw"))
