@@ -668,8 +668,3 @@ def train(cfg: Config, data: Optional[Iterable] = None, model_factory=None,
           stop: Optional[StopFlag] = None) -> TrainResult:
     """``Trainer(cfg, ...).fit()``: the whole run."""
     return Trainer(cfg, data=data, model_factory=model_factory, stop=stop).fit()
-
-
-def build_model_factory(cfg: Config) -> Callable[[], torch.nn.Module]:
-    """The trained network for cfg.task (called inside zero.Init under ZeRO-3)."""
-    return build_objective(cfg).build_model
