@@ -13,7 +13,7 @@ export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo c
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system test test-long test-bench test-fast demo bench clean
+.PHONY: install system test test-long test-bench test-fast demo demo-latent bench clean
 
 # Debian packages: the Fashion-MNIST files (demo data) and iproute2 (the two-host launch test).
 system:
@@ -48,6 +48,10 @@ test-fast: install
 
 demo: install
 	$(BIN)/python -m tools.demo
+
+# latent diffusion end to end: autoencoder -> latents + embeddings -> latent UNet (docs/latent_demo.md)
+demo-latent: install
+	$(BIN)/python -m tools.demo --latent
 
 bench: install
 	$(BIN)/python -m tools.bench --preset tiny

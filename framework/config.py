@@ -92,6 +92,9 @@ class TextConfig:
     pooled: bool = False            # also return a pooled vector (added to the time embedding)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU
     cache_size: int = 4096          # LRU cache of caption embeddings (class-template datasets repeat)
+    mask: bool = True               # False: Stable Diffusion's convention, no padding mask: the encoder runs
+                                    # unmasked and the UNet attends to all max_length tokens (what diffusers'
+                                    # StableDiffusionPipeline does: needed for a diffusers pipeline export)
 
 
 @dataclass

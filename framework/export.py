@@ -17,7 +17,10 @@ The inference directory (no pickle anywhere: safetensors, JSON and YAML only)::
     OUT/null.safetensors             THE null condition used in training: ctx (1,L,D), mask (1,L) bool
                                      [, pooled (1,P)]; guidance uses exactly this tensor
     OUT/unet/                        (diffusers=True) config.json + diffusion_pytorch_model*.safetensors:
-                                     diffusers' UNet2DConditionModel layout
+                                     diffusers' UNet2DConditionModel layout, 0-based timesteps
+    OUT/model_index.json, vae/,      (diffusers=True, a latent model trained with SD's text conventions)
+      text_encoder/, tokenizer/,     a diffusers StableDiffusionPipeline folder: see
+      scheduler/                     framework/diffusers_export.py
 
 Imports: deepspeed only inside ``consolidate(weights="raw")`` for ZeRO 1-3 checkpoints
 (``zero_to_fp32``); everything else, the EMA export included, runs without it. The ``Pipeline``
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 import re
@@ -44,8 +46,9 @@ from framework.config import Config, from_dict
 from framework.train.ema import EMA
 from framework.files import atomic_dir
 from framework.data.latents import add_latent_config, latent_export_info, write_export_vae
+from framework.diffusers_export import pipeline_blockers, write_pipeline, write_unet
 from framework.pipeline import Pipeline, network_fn
-from framework.weights import (DIFFUSERS_NAME, DTYPES, FORMAT, WEIGHTS_NAME, load_state_dict_dir, parse_size,
+from framework.weights import (DTYPES, FORMAT, WEIGHTS_NAME, load_state_dict_dir, parse_size,
                       save_state_dict, save_tensors)
 
 __all__ = ["FORMAT", "find_checkpoint", "inspect_checkpoint", "format_inspect", "checkpoint_config",
@@ -279,15 +282,6 @@ def write_inference_dir(out: str, sd: dict[str, torch.Tensor], config: dict,
     return files
 
 
-def _diffusers_json(cfg: Config) -> dict:
-    from framework.models.unet import diffusers_config
-    kw = diffusers_config(cfg.unet)
-    out = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0",
-           "sample_size": cfg.data.image_size}
-    out.update({k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()})
-    return out
-
-
 def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema", dtype: str = "fp32",
            max_shard_size: Union[int, str, None] = 0, diffusers: bool = False, overwrite: bool = False,
            quiet: bool = True) -> dict:
@@ -353,6 +347,10 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
     }
     if latent is not None:
         add_latent_config(config, latent)
+    blockers = pipeline_blockers(cfg, latent) if diffusers else []
+    if diffusers:
+        summary["diffusers"] = {"unet": "unet/", "pipeline": not blockers,
+                                "not_a_pipeline_because": blockers}
 
     def extra(tmp: str) -> list[str]:
         nd = {"ctx": null.ctx.float().contiguous(), "mask": null.mask.bool().contiguous()}
@@ -360,15 +358,13 @@ def export(path: str, out: str, tag: Optional[str] = None, weights: str = "ema",
             nd["pooled"] = null.pooled.float().contiguous()
         save_tensors(nd, os.path.join(tmp, "null.safetensors"), {"kind": cfg.text.null})
         files = ["null.safetensors"]
-        if diffusers:
-            from framework.models.unet import to_diffusers_state_dict
-            ddir = os.path.join(tmp, "unet")
-            dfiles = save_state_dict(to_diffusers_state_dict(sd), ddir, DIFFUSERS_NAME, max_shard_size)
-            with open(os.path.join(ddir, "config.json"), "w") as f:
-                json.dump(_diffusers_json(cfg), f, indent=2)
-            files += [f"unet/{x}" for x in dfiles] + ["unet/config.json"]
+        if diffusers:                    # unet/ in diffusers' layout (0-based timesteps)
+            files += write_unet(sd, cfg, tmp, config["image"]["size"], max_shard_size)
         if latent is not None:           # vae/: diffusers layout, the training scaling
             files += write_export_vae(latent, tmp)
+        if diffusers and not blockers:   # + text_encoder/ tokenizer/ scheduler/ model_index.json
+            from framework.models.text import TextEncoder
+            files += write_pipeline(tmp, cfg, TextEncoder(cfg.text, device="cpu"))
         return files
 
     write_inference_dir(out, sd, config, max_shard_size,

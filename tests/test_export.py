@@ -227,9 +227,9 @@ def test_diffusers_layout_loads_in_diffusers(tmp_path_factory, tmp_path):
     x = torch.randn(2, 1, 16, 16, generator=g)
     t = torch.tensor([10, 70])
     cond = pipe.encode(["a photo of a bag", "a photo of a dress"])
-    with torch.no_grad():
+    with torch.no_grad():       # diffusers' timesteps are 0-based: its k is our t = k + 1
         ours = pipe.unet(x, t, ctx=cond.ctx, ctx_mask=cond.mask)
-        ref = theirs(x, t, encoder_hidden_states=cond.ctx, encoder_attention_mask=cond.mask.float()).sample
+        ref = theirs(x, t - 1, encoder_hidden_states=cond.ctx, encoder_attention_mask=cond.mask.float()).sample
     assert (ours - ref).abs().max() < 1e-4
 
 

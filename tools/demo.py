@@ -14,6 +14,15 @@ Phases (each timed; the times and results land in RUN/demo.json):
   5. evaluate  an independent CNN classifier (trained once, cached): guided accuracy, Frechet distance
                and diversity for gamma in 0, 1, 3, 5 -> RUN/eval/{eval.json, sweep.png, grid_g*.png}
 See docs/demo.md.
+
+    python -m tools.demo --latent              # latent diffusion end to end in runs/latent-demo (make demo-latent)
+
+The latent demo (docs/latent_demo.md): shards as above (+ the test split, held out) -> a small KL
+autoencoder trained with task=autoencoder (diffusers AutoencoderKL, configs/vae/demo.yaml) -> its export
+(held-out PSNR, scaling factor = 1/latent std) -> tools.precompute_latents (posterior mean/std fp16
+per image) and the caption embeddings (frozen MiniLM) -> the latent UNet (configs/latent_demo.yaml)
+trained on latents and embeddings only (no image decode, no VAE, no text encoder on the trainers) ->
+export (vae/ inside) -> grid and evaluation on the decoded images, as the pixel demo.
 """
 from __future__ import annotations
 
@@ -38,9 +47,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--latent", action="store_true", help="the latent-diffusion demo (docs/latent_demo.md)")
+    p.add_argument("--run-dir", default=None, help="default runs/demo (runs/latent-demo with --latent)")
     p.add_argument("--data", default="data/fmnist-train", help="shard folder (built if missing)")
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.yaml"))
+    p.add_argument("--config", default=None, help="default configs/demo.yaml (configs/latent_demo.yaml)")
+    p.add_argument("--vae-config", default=os.path.join(ROOT, "configs", "vae", "demo.yaml"),
+                   help="--latent: the autoencoder's training config")
+    p.add_argument("--test-data", default="data/fmnist-test", help="--latent: held-out shards (built if missing)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (DeepSpeed ranks)")
     p.add_argument("--resume", action="store_true", help="continue RUN's newest checkpoint instead of starting fresh")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.0, 1.0, 3.0, 5.0])
@@ -56,19 +69,23 @@ def _phase(name: str) -> None:
     print(f"\n==== {name} " + "=" * max(0, 70 - len(name)), flush=True)
 
 
-def build_shards(out: str) -> dict:
-    """Fashion-MNIST train split -> shards (60 x 1000 PNG samples); reused when complete."""
+SPLITS = {"train": 60000, "test": 10000}
+
+
+def build_shards(out: str, split: str = "train") -> dict:
+    """A Fashion-MNIST split -> shards of 1000 PNG samples (train 60, test 10); reused when complete."""
     from framework.data.shardformat import read_manifest
     from framework.data.shards import write_shards
     from framework.data.sources import fashion_mnist_source
     manifest = os.path.join(out, "shards.json")
     if os.path.isfile(manifest):
         m = read_manifest(manifest)
-        if m.get("total") == 60000 and all(os.path.isfile(os.path.join(out, s["url"])) for s in m["shards"]):
+        if m.get("total") == SPLITS[split] and all(os.path.isfile(os.path.join(out, s["url"])) for s in m["shards"]):
             print(f"reusing {out} ({m['total']} samples in {len(m['shards'])} shards)")
             return m
-    src = fashion_mnist_source("train")
-    m = write_shards(src, out, prefix="fmnist", max_count=1000, image_format="png")
+    src = fashion_mnist_source(split)
+    m = write_shards(src, out, prefix=f"fmnist-{split}" if split != "train" else "fmnist", max_count=1000,
+                     image_format="png")
     print(f"wrote {m['total']} samples in {len(m['shards'])} shards to {out}")
     return m
 
@@ -90,125 +107,208 @@ def _threads() -> int:
     return n
 
 
-def train_command(args) -> list[str]:
-    overrides = [f"run_dir={args.run_dir}", f"data.urls=['{os.path.abspath(args.data)}']"]
-    if args.resume:
-        overrides.append("checkpoint.resume=auto")
-    overrides += list(args.overrides)
-    local = os.path.join(ROOT, "launch", "local.sh")
-    if os.path.isfile(local):
-        return ["bash", local, str(args.nproc), args.config, *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-            "-m", "framework.train", "--config", args.config, *overrides]
+class Phases:
+    """Times each phase (wall and CPU seconds, the training ranks included) into ``times`` / ``cpu``."""
 
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.t0, self.c0 = time.perf_counter(), _cpu_seconds()
 
-def run(argv: Optional[list[str]] = None) -> dict:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if shutil.which("nvidia-smi") is None else "cuda")
-    times: dict[str, float] = {}
-    cpu: dict[str, float] = {}
-    t_all, c_all = time.perf_counter(), _cpu_seconds()
-    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    threads = _threads()
+    def __call__(self, name: str):
+        phases = self
 
-    def timed(name):
         class T:
             def __enter__(self):
                 _phase(name)
                 self.t, self.c = time.perf_counter(), _cpu_seconds()
 
             def __exit__(self, *exc):
-                times[name] = round(time.perf_counter() - self.t, 1)
-                cpu[name] = round(_cpu_seconds() - self.c, 1)
+                phases.times[name] = round(time.perf_counter() - self.t, 1)
+                phases.cpu[name] = round(_cpu_seconds() - self.c, 1)
                 if exc[0] is None:
-                    print(f"[{name}: {times[name]:.0f} s wall, {cpu[name]:.0f} s CPU]", flush=True)
+                    print(f"[{name}: {phases.times[name]:.0f} s wall, {phases.cpu[name]:.0f} s CPU]", flush=True)
         return T()
 
-    # ---- 1. data ----------------------------------------------------------------------------------
-    with timed("shards"):
-        build_shards(args.data)
+    def total(self) -> None:
+        self.times["total"] = round(time.perf_counter() - self.t0, 1)
+        self.cpu["total"] = round(_cpu_seconds() - self.c0, 1)
 
-    # ---- 2. train ---------------------------------------------------------------------------------
-    with timed("train"):
-        if not args.resume and os.path.isdir(args.run_dir):
-            shutil.rmtree(args.run_dir)
-        cmd = train_command(args)
-        print("+ " + " ".join(cmd), flush=True)
-        env = dict(os.environ)
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)
-        r = subprocess.run(cmd, cwd=os.getcwd(), env=env)
-        if r.returncode != 0:
-            raise SystemExit(f"training failed with exit code {r.returncode}")
-    steps_log = os.path.join(args.run_dir, "metrics.jsonl")
-    last = {}
+
+def train_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
+    local = os.path.join(ROOT, "launch", "local.sh")
+    if os.path.isfile(local):
+        return ["bash", local, str(nproc), config, *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "framework.train", "--config", config, *overrides]
+
+
+def train(nproc: int, config: str, run_dir: str, overrides: list[str], resume: bool) -> dict:
+    """``framework.train`` on ``nproc`` CPU processes; -> the last metrics row."""
+    if not resume and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    cmd = train_command(nproc, config, [f"run_dir={run_dir}"] + (["checkpoint.resume=auto"] if resume else [])
+                        + list(overrides))
+    print("+ " + " ".join(cmd), flush=True)
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run(cmd, cwd=os.getcwd(), env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"training ({config}) failed with exit code {r.returncode}")
+    rows = []
+    steps_log = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(steps_log):
         with open(steps_log) as f:
             rows = [json.loads(ln) for ln in f if ln.strip()]
-        last = rows[-1] if rows else {}
+    return next((r for r in reversed(rows) if "loss" in r), rows[-1] if rows else {})
 
-    # ---- 3. export --------------------------------------------------------------------------------
+
+def export_sample_evaluate(args, phase: Phases) -> dict:
+    """Phases 3-5 of both demos: export the newest checkpoint (EMA), a class grid, the evaluation."""
     from framework.export import export
     export_dir = os.path.join(args.run_dir, "export")
-    with timed("export"):
+    with phase("export"):
         ex = export(args.run_dir, export_dir, weights="ema", dtype="fp32", overwrite=True)
         print(f"exported {ex['tag']} (EMA, {ex['params']:,} parameters) -> {export_dir}")
 
-    # ---- 4. sample: a grid of all 10 classes ------------------------------------------------------
     from framework.data.sources import FASHION_CLASSES, FASHION_NOUNS, a_an
     from tools import evaluate as tool_evaluate
     from tools import sample as tool_sample
     sample_dir = os.path.join(args.run_dir, "samples")
-    with timed("sample"):
+    with phase("sample"):
         argv_s = [export_dir, "--out", sample_dir, "--steps", str(args.eval_steps), "--num-per-prompt", "4",
                   "--guidance", *[f"{g:g}" for g in args.grid_scales], "--labels", *FASHION_CLASSES]
         for noun in FASHION_NOUNS:
             argv_s += ["--prompt", a_an(f"a photo of a {noun}")]
         samples = tool_sample.run(argv_s)
 
-    # ---- 5. evaluate ------------------------------------------------------------------------------
     eval_dir = os.path.join(args.run_dir, "eval")
-    with timed("evaluate"):
+    with phase("evaluate"):
         argv_e = [export_dir, "--out", eval_dir, "--per-class", str(args.per_class), "--steps",
                   str(args.eval_steps), "--gammas", *[f"{g:g}" for g in args.gammas]]
         if args.cache_dir:
             argv_e += ["--cache-dir", args.cache_dir]
         ev = tool_evaluate.run(argv_e)
-
-    # ---- summary ----------------------------------------------------------------------------------
-    times["total"] = round(time.perf_counter() - t_all, 1)
-    cpu["total"] = round(_cpu_seconds() - c_all, 1)
     points = {f"{p['gamma']:g}": p for p in ev["methods"][0]["points"]}
+    return {"export": export_dir, "samples": samples, "eval": ev, "eval_dir": eval_dir, "points": points}
+
+
+def summarize(args, phase: Phases, threads: int, load0: float, last: dict, res: dict, extra: dict) -> dict:
+    phase.total()
+    ev, points = res["eval"], res["points"]
     summary = {
-        "times_s": times, "cpu_s": cpu, "machine": {"cores": os.cpu_count(), "threads": threads,
-                                                     "load_at_start": round(load0, 2)},
+        "times_s": phase.times, "cpu_s": phase.cpu,
+        "machine": {"cores": os.cpu_count(), "threads": threads, "load_at_start": round(load0, 2)},
         "train": {"step": last.get("step"), "images_seen": last.get("images_seen"), "final_loss": last.get("loss"),
                   "nproc": args.nproc, "config": os.path.abspath(args.config), "overrides": args.overrides},
+        **extra,
         "classifier": {k: ev["classifier"][k] for k in ("accuracy", "n_train", "n_test", "epochs", "cached")},
         "sweep": {g: {k: p[k] for k in ("accuracy", "fd", "fd_floor", "diversity", "diversity_real")}
                   for g, p in points.items()},
-        "files": {"grid": samples["grid"], "sweep_plot": ev["plot"],
-                  "eval_json": os.path.abspath(os.path.join(eval_dir, "eval.json")),
-                  "eval_grids": ev["methods"][0]["grids"], "export": os.path.abspath(export_dir)},
+        "files": {"grid": res["samples"]["grid"], "sweep_plot": ev["plot"],
+                  "eval_json": os.path.abspath(os.path.join(res["eval_dir"], "eval.json")),
+                  "eval_grids": ev["methods"][0]["grids"], "export": os.path.abspath(res["export"])},
     }
     with open(os.path.join(args.run_dir, "demo.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
     _phase("demo done")
-    print("phase times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-    print("CPU seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
+    print("phase times: " + ", ".join(f"{k} {v:.0f} s" for k, v in phase.times.items()))
+    print("CPU seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in phase.cpu.items()))
+    if "vae" in extra:
+        v = extra["vae"]
+        print(f"autoencoder: held-out PSNR {v['psnr']:.2f} dB, latents {v['latent_shape']}, "
+              f"scaling factor {v['scaling_factor']:.4f}")
     print(f"evaluation classifier: held-out accuracy {ev['classifier']['accuracy']:.3f}")
     for g, p in points.items():
         print(f"  gamma={g:>3}: guided accuracy {p['accuracy']:.3f}   FD {p['fd']:7.2f} (floor {p['fd_floor']:.2f})"
               f"   diversity {p['diversity']:.2f} (real {p['diversity_real']:.2f})")
-    print(f"class grid (rows: guidance {', '.join(f'{g:g}' for g in args.grid_scales)}): {samples['grid']}")
+    print(f"class grid (rows: guidance {', '.join(f'{g:g}' for g in args.grid_scales)}): {res['samples']['grid']}")
     print(f"sweep plot: {ev['plot']}")
     print(f"evaluation: {summary['files']['eval_json']} (grids per gamma next to it)")
     print(f"summary:    {os.path.abspath(os.path.join(args.run_dir, 'demo.json'))}")
-    print(f"try:        .venv/bin/python -m tools.sample {export_dir} --prompt 'a photo of a dress' --guidance 0 3 -n 4")
+    print(f"try:        .venv/bin/python -m tools.sample {res['export']} --prompt 'a photo of a dress' --guidance 0 3 -n 4")
     return summary
+
+
+def run_pixel(args, phase: Phases, threads: int, load0: float) -> dict:
+    with phase("shards"):
+        build_shards(args.data)
+    with phase("train"):
+        last = train(args.nproc, args.config, args.run_dir,
+                     [f"data.urls=['{os.path.abspath(args.data)}']"] + list(args.overrides), args.resume)
+    res = export_sample_evaluate(args, phase)
+    return summarize(args, phase, threads, load0, last, res, {})
+
+
+def run_latent(args, phase: Phases, threads: int, load0: float) -> dict:
+    """The latent demo: autoencoder -> latents + embeddings -> latent UNet -> decoded samples."""
+    from framework.config import TextConfig, load_config
+    from framework.data.latents import precompute_latents
+    from framework.data.precompute import precompute_text
+    from framework.models.autoencoder import export_autoencoder
+    from framework.models.text import TextEncoder
+    from framework.models.vae import FrozenVAE
+
+    vae_run, vae_dir = os.path.join(args.run_dir, "vae-run"), os.path.join(args.run_dir, "vae")
+    lat_dir, emb_dir = os.path.join(args.run_dir, "latents"), os.path.join(args.run_dir, "latents-text")
+    with phase("shards"):
+        build_shards(args.data, "train")
+        build_shards(args.test_data, "test")
+    if args.resume and os.path.isfile(os.path.join(emb_dir, "shards.json")):
+        print(f"--resume: reusing {vae_dir} and {emb_dir}")
+        vae_info = json.load(open(os.path.join(args.run_dir, "vae.json")))
+    else:
+        if os.path.isdir(args.run_dir):
+            shutil.rmtree(args.run_dir)
+        with phase("autoencoder"):
+            vlast = train(args.nproc, args.vae_config, vae_run, [f"data.urls=['{os.path.abspath(args.data)}']"],
+                          False)
+        with phase("vae export"):
+            s = export_autoencoder(vae_run, vae_dir, data_urls=[os.path.abspath(args.test_data)],
+                                   max_samples=1000, overwrite=True)
+            ev = s["evaluation"]
+            vae_info = {"psnr": ev["psnr"], "psnr_mean": ev.get("psnr_mean"), "latent_std": ev["latent_std"],
+                        "scaling_factor": s["scaling_factor"], "train_steps": vlast.get("step"),
+                        "train_images": vlast.get("images_seen"), "params": s.get("params"),
+                        "config": os.path.abspath(args.vae_config), "held_out": "1000 test images"}
+            print(f"held-out PSNR {ev['psnr']:.2f} dB (1000 test images), latent std "
+                  f"{[round(x, 3) for x in ev['latent_std']]} -> scaling factor {s['scaling_factor']:.4f}")
+        cfg = load_config(args.config, list(args.overrides))
+        with phase("latents"):
+            vae = FrozenVAE(vae_dir, device="cpu")
+            m = precompute_latents(os.path.abspath(args.data), lat_dir, vae, cfg.data, batch_size=250, wait_s=60)
+            lat = m["latents"]
+            vae_info["latent_shape"] = lat["shape"]
+            print(f"{m['total']} latents {lat['shape']} in {len(m['shards'])} shards")
+        with phase("embeddings"):
+            enc = TextEncoder(TextConfig(**{**cfg.text.__dict__}), device="cpu")
+            precompute_text(lat_dir, emb_dir, enc, {"encoder": cfg.text.encoder, "max_length": cfg.text.max_length,
+                                                    "pooled": cfg.text.pooled}, wait_s=60)
+        with open(os.path.join(args.run_dir, "vae.json"), "w") as f:
+            json.dump(vae_info, f, indent=1)
+    with phase("train"):
+        last = train(args.nproc, args.config, args.run_dir,
+                     [f"data.urls=['{os.path.abspath(emb_dir)}']", f"vae.path={os.path.abspath(vae_dir)}"]
+                     + list(args.overrides), args.resume and os.path.isdir(os.path.join(args.run_dir, "checkpoints")))
+    res = export_sample_evaluate(args, phase)
+    return summarize(args, phase, threads, load0, last, res, {"vae": vae_info})
+
+
+def run(argv: Optional[list[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.run_dir is None:
+        args.run_dir = "runs/latent-demo" if args.latent else "runs/demo"
+    if args.config is None:
+        args.config = os.path.join(ROOT, "configs", "latent_demo.yaml" if args.latent else "demo.yaml")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if shutil.which("nvidia-smi") is None else "cuda")
+    phase = Phases()
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = _threads()
+    return (run_latent if args.latent else run_pixel)(args, phase, threads, load0)
 
 
 main = entry_point(run)

