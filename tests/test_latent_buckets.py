@@ -138,8 +138,8 @@ def _digest(batches) -> list:
     return [(b["key"], b["image"].numpy().tobytes(), b["size_cond"].tolist()) for b in batches]
 
 
-def _take(urls, steps, W, sd=None, seed=3):
-    L = build_loader(data_cfg(urls, latents=True, num_workers=W, shuffle_buffer=6, shardshuffle=True), 3, 0, 1, seed)
+def _take(urls, steps, W, R=1, rank=0, sd=None, seed=3):
+    L = build_loader(data_cfg(urls, latents=True, num_workers=W, shuffle_buffer=6, shardshuffle=True), 3, rank, R, seed)
     if sd is not None:
         L.load_state_dict(json.loads(json.dumps(sd)))        # what a checkpoint round trip does
     out = _digest(next(L) for _ in range(steps))
@@ -148,23 +148,25 @@ def _take(urls, steps, W, sd=None, seed=3):
     return out, st, stats
 
 
-def test_latent_buckets_resume_exactly_with_workers(assets):
-    """1 rank x 2 workers: cut at several steps (mid-epoch with samples waiting in the bucket queues,
-    and across the epoch end), restart from the state dict: keys, latent draws and size conditions
-    of the rest equal the uninterrupted run's, and so do the final state and counters."""
-    L = build_loader(data_cfg(assets["lat"], latents=True, num_workers=2), 3, 0, 1, 3)
+@pytest.mark.parametrize("W,R", [(2, 1), (2, 2)])
+def test_latent_buckets_resume_exactly_with_workers(assets, W, R):
+    """1 rank x 2 workers (and 2 x 2): cut at several steps (mid-epoch with samples waiting in the
+    bucket queues, and across the epoch end), restart from the state dict: keys, latent draws and
+    size conditions of the rest equal the uninterrupted run's, and so do the final state and counters."""
+    L = build_loader(data_cfg(assets["lat"], latents=True, num_workers=W), 3, 0, R, 3)
     S = L.steps_per_epoch
     L.close()
     total = S + 3
-    ref, ref_sd, ref_stats = _take(assets["lat"], total, 2)
     waiting = 0
-    for k in (3, S - 1, S + 1):
-        head, sd, _ = _take(assets["lat"], k, 2)
-        assert head == ref[:k]
-        waiting += sum(len(v) for p in sd["workers"] for v in (p.get("buckets") or {}).get("pending", {}).values())
-        tail, sd2, stats2 = _take(assets["lat"], total - k, 2, sd=sd)
-        assert head + tail == ref, k
-        assert sd2 == ref_sd and stats2 == ref_stats
+    for rank in range(R):
+        ref, ref_sd, ref_stats = _take(assets["lat"], total, W, R, rank)
+        for k in (3, S - 1, S + 1):
+            head, sd, _ = _take(assets["lat"], k, W, R, rank)
+            assert head == ref[:k]
+            waiting += sum(len(v) for p in sd["workers"] for v in (p.get("buckets") or {}).get("pending", {}).values())
+            tail, sd2, stats2 = _take(assets["lat"], total - k, W, R, rank, sd=sd)
+            assert head + tail == ref, (rank, k)
+            assert sd2 == ref_sd and stats2 == ref_stats
     assert waiting > 0                                  # the cuts left samples queued
 
 
