@@ -231,9 +231,8 @@ def test_bucket_histogram_is_logged_at_each_epoch_end(ds, caplog):
     L.close()
 
 
-def test_precomputed_latents_use_their_stored_bucket():
-    pytest.skip("latent reader (issue 14) not merged yet: a latent sample's stored bucket shape is used instead "
-                "of assign(); see docs/data.md (Aspect-ratio buckets)")
+# Precomputed latents with buckets (the stored bucket used instead of assign(), exact resume, a
+# training run): tests/test_latent_buckets.py
 
 
 # ---------------------------------------------------------------------------------------------

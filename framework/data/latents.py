@@ -20,6 +20,19 @@ renamed, then its record ``.latents/NAME.json`` (counts) is written the same way
 record exists and matches this VAE and image geometry is skipped, so a killed job, started again,
 continues where it stopped. Rank 0 waits for every record and writes ``shards.json`` last.
 Images that cannot be decoded (or have no caption, or a wrong shape) are skipped and counted.
+
+Aspect-ratio buckets (``data.buckets`` enabled, the same setting the trainer uses): each image goes
+to its bucket exactly as the pixel loader puts it there (``buckets.assign``, resize, center crop:
+``loader.decode_sample`` itself), images of one bucket are encoded together (a VAE batch holds one
+shape), and the sample gains ``zbucket.json`` (its pixel bucket, SDXL's size condition, the latent
+shape; ``shardformat.LATENT_BUCKET``). ``shards.json``'s ``latents.buckets`` records the bucket set
+(the trainer refuses another one) and ``latents.bucket_counts`` the samples per bucket;
+``latents.shape`` stays the square ``image_size``'s latent shape (the default sampling size).
+
+Text embeddings in the same pass (``text_encoder``): every caption is encoded as
+``tools.precompute_text`` does (``precompute.CaptionEmbedder``: the same members, the same bits) and
+the null condition and the encoder's identity go into the manifest's ``embeddings`` entry, so
+``data.use_embeddings=true data.latents=true`` trains with no image, no VAE and no text encoder.
 """
 from __future__ import annotations
 
@@ -36,7 +49,10 @@ import numpy as np
 import torch
 
 from framework.config import DataConfig
+from framework.data.buckets import bucket_name, buckets_from_config
 from framework.data.loader import decode_sample, expand_spec, iter_shard_samples
+from framework.data.precompute import EMBEDDING_MEMBERS, CaptionEmbedder, write_null_condition
+from framework.data.shardformat import LATENT_BUCKET, latent_bucket_bytes, manifest_caption_lines, sample_captions
 from framework.models.vae import LATENT_MEAN, LATENT_STD, FrozenVAE
 
 __all__ = ["iter_images", "precompute_latents", "latent_export_info", "add_latent_config", "write_export_vae",
@@ -75,11 +91,12 @@ def iter_images(urls, data_cfg: DataConfig, limit: int = 0, bad: Optional[dict] 
                 return
 
 
-def _decoded(url: str, count: Optional[int], cfg: DataConfig, bad: dict) -> Iterator[tuple[dict, dict]]:
+def _decoded(url: str, count: Optional[int], cfg: DataConfig, bad: dict,
+             buckets: Optional[list] = None) -> Iterator[tuple[dict, dict]]:
     events: list = []
     for raw in iter_shard_samples(url, events, count):
         try:
-            item = decode_sample(raw, cfg, random.Random(0))
+            item = decode_sample(raw, cfg, random.Random(0), buckets=buckets or None)
         except Exception as e:          # data.py's rejection (reason attribute) or anything unexpected
             reason = getattr(e, "reason", "decode")
             bad[reason] = bad.get(reason, 0) + 1
@@ -112,10 +129,14 @@ def _read_json(path: str) -> Optional[dict]:
 
 def precompute_latents(src: str, out_dir: str, vae: FrozenVAE, data_cfg: DataConfig, rank: int = 0,
                        world_size: int = 1, batch_size: int = 64, keep_images: bool = False,
-                       wait_s: float = 3600.0, log: Optional[Callable[[str], None]] = None) -> Optional[dict]:
+                       wait_s: float = 3600.0, log: Optional[Callable[[str], None]] = None,
+                       text_encoder=None, text_info: Optional[dict] = None,
+                       text_batch_size: int = 256) -> Optional[dict]:
     """Encode every image of the shard set ``src`` (a shards.json or its folder) with ``vae`` and write
     the latent shard set ``out_dir`` (see the module docstring). ``data_cfg``: image_size, channels,
-    image_keys, caption_key (images are decoded as the loader does, center crop). Returns the new
+    image_keys, caption_key, buckets (images are decoded as the loader does, center crop). With
+    ``text_encoder`` (a ``models.text.TextEncoder``; ``text_info`` its identity,
+    ``precompute.text_encoder_info``) the captions' embeddings are written too. Returns the new
     manifest on rank 0 (None on the others)."""
     import webdataset as wds
 
@@ -129,6 +150,8 @@ def precompute_latents(src: str, out_dir: str, vae: FrozenVAE, data_cfg: DataCon
     src_dir = os.path.dirname(os.path.abspath(src_manifest_path))
     if os.path.abspath(out_dir) == src_dir:
         raise ValueError("precompute_latents: out_dir must differ from the source folder")
+    if text_encoder is not None and text_info is None:
+        raise ValueError("precompute_latents: text_encoder needs text_info (precompute.text_encoder_info)")
     records = os.path.join(out_dir, RECORDS_DIR)
     os.makedirs(records, exist_ok=True)
     out_manifest = os.path.join(out_dir, MANIFEST)
@@ -137,25 +160,40 @@ def precompute_latents(src: str, out_dir: str, vae: FrozenVAE, data_cfg: DataCon
 
     cfg = _image_cfg(data_cfg)
     shape = vae.latent_shape(cfg.channels, cfg.image_size, cfg.image_size)
+    # the trainer's bucket rule, in pixels; every side must divide by the VAE's factor
+    buckets = buckets_from_config(cfg.buckets, cfg.image_size, vae.factor)
     ident = {"vae_sha256": vae.digest, "image_size": cfg.image_size, "channels": cfg.channels,
              "image_keys": cfg.image_keys, "keep_images": keep_images}
+    if buckets:
+        ident["buckets"] = [list(b) for b in buckets]
+    if text_encoder is not None:
+        ident["text"] = text_info
     image_exts = {k.strip().lower() for k in cfg.image_keys.split(";") if k.strip()}
+    lines = manifest_caption_lines(manifest)
+    embedder = CaptionEmbedder(text_encoder, text_batch_size) if text_encoder is not None else None
+    dropped = set(image_exts if not keep_images else ()) | (set(EMBEDDING_MEMBERS) if embedder else set())
 
-    def encode(batch: list[tuple[dict, np.ndarray]], tw) -> int:
-        x = torch.from_numpy(np.stack([img for _, img in batch]))                      # (B,C,H,W)
+    def encode(batch: list[tuple[dict, np.ndarray, Optional[list]]], tw, counts: dict) -> int:
+        x = torch.from_numpy(np.stack([img for _, img, _ in batch]))                   # (B,C,H,W), one shape
         mean, std = vae.encode(x)                                                       # raw posterior
         mean = mean.cpu().numpy().astype(np.float16)
         std = std.cpu().numpy().astype(np.float16)
         written = 0
-        for j, (raw, _) in enumerate(batch):
+        for j, (raw, _, sc) in enumerate(batch):
             if not (np.isfinite(mean[j]).all() and np.isfinite(std[j]).all()):
                 bad["nonfinite_latent"] = bad.get("nonfinite_latent", 0) + 1
                 continue
-            sample = {k: v for k, v in raw.items()
-                      if not k.startswith("__") and (keep_images or k not in image_exts)}
+            sample = {k: v for k, v in raw.items() if not k.startswith("__") and k not in dropped}
             sample["__key__"] = raw["__key__"]
             sample[LATENT_MEAN] = _npy(mean[j])
             sample[LATENT_STD] = _npy(std[j])
+            if sc is not None:         # bucketed: where the image went before it was encoded
+                sample[LATENT_BUCKET] = latent_bucket_bytes(sc[4:], sc, mean[j].shape)
+                counts[bucket_name(sc[4:])] = counts.get(bucket_name(sc[4:]), 0) + 1
+            if embedder is not None:
+                caps = sample_captions(raw, "txt", lines)
+                if caps:
+                    sample.update(embedder.members(caps))
             tw.write(sample)
             written += 1
         return written
@@ -170,23 +208,30 @@ def precompute_latents(src: str, out_dir: str, vae: FrozenVAE, data_cfg: DataCon
             log(f"rank {rank}: {name}: complete, skipped")
             continue
         url = sh["url"] if os.path.isabs(sh["url"]) or "://" in sh["url"] else os.path.join(src_dir, sh["url"])
+        if embedder is not None:       # every caption of the shard first, as precompute_text encodes them
+            embedder.encode([c for s in iter_shard_samples(url) for c in sample_captions(s, "txt", lines)])
         bad: dict[str, int] = {}
+        counts: dict[str, int] = {}
         count = 0
         tmp = os.path.join(out_dir, f"{name}.tmp.{os.getpid()}")
         with open(tmp, "wb") as f:
             tw = wds.TarWriter(f, encoder=False, mtime=_MTIME)
-            batch: list = []
-            for raw, item in _decoded(url, sh.get("count"), cfg, bad):
-                batch.append((raw, _to_float(item["image"])))
-                if len(batch) == batch_size:
-                    count += encode(batch, tw)
-                    batch = []
-            if batch:
-                count += encode(batch, tw)
+            groups: dict = {}          # bucket (or None: the square size) -> samples waiting for a VAE batch
+            for raw, item in _decoded(url, sh.get("count"), cfg, bad, buckets):
+                key = item.get("bucket")
+                g = groups.setdefault(key, [])
+                g.append((raw, _to_float(item["image"]), item.get("size_cond")))
+                if len(g) == batch_size:
+                    count += encode(g, tw, counts)
+                    groups[key] = []
+            for key in [None] + buckets:
+                if groups.get(key):
+                    count += encode(groups[key], tw, counts)
             tw.close()
         os.replace(tmp, os.path.join(out_dir, name))
         _atomic_json(rec_path, {"index": i, "url": name, "count": count,
-                                "bytes": os.path.getsize(os.path.join(out_dir, name)), "bad": bad, "ident": ident})
+                                "bytes": os.path.getsize(os.path.join(out_dir, name)), "bad": bad, "ident": ident,
+                                "buckets": counts, "dims": embedder.dims if embedder is not None else {}})
         n_done += count
         log(f"rank {rank}: {name}: {count} samples" + (f", skipped {bad}" if bad else "")
             + f" ({n_done / max(1e-9, time.perf_counter() - t0):.1f} samples/s)")
@@ -205,23 +250,35 @@ def precompute_latents(src: str, out_dir: str, vae: FrozenVAE, data_cfg: DataCon
             raise TimeoutError(f"precompute_latents: shards {missing[:5]} were not written within {wait_s} s")
         time.sleep(1.0)
     skipped: dict[str, int] = {}
+    bucket_counts: dict[str, int] = {}
+    dims: dict[str, int] = {}
     for r in recs:
         for k, v in r["bad"].items():
             skipped[k] = skipped.get(k, 0) + v
+        for k, v in (r.get("buckets") or {}).items():
+            bucket_counts[k] = bucket_counts.get(k, 0) + v
+        dims.update(r.get("dims") or {})
     new = dict(manifest)
-    for k in ("embeddings",):          # files the manifest names travel with it
-        e = new.get(k) or {}
-        for key, value in e.items():
-            if key.startswith("null_") and isinstance(value, str) and os.path.isfile(os.path.join(src_dir, value)):
-                shutil.copyfile(os.path.join(src_dir, value), os.path.join(out_dir, value))
+    if embedder is not None:           # this pass's encoder replaces any earlier embeddings
+        new["embeddings"] = write_null_condition(out_dir, text_encoder, text_info, dims)
+    else:
+        for k in ("embeddings",):      # files the manifest names travel with it
+            e = new.get(k) or {}
+            for key, value in e.items():
+                if key.startswith("null_") and isinstance(value, str) and os.path.isfile(os.path.join(src_dir, value)):
+                    shutil.copyfile(os.path.join(src_dir, value), os.path.join(out_dir, value))
+    latents = {"shape": list(shape), "scaling_factor": vae.scale, "shift_factor": vae.shift,
+               "dtype": "float16", "mean": LATENT_MEAN, "std": LATENT_STD,
+               "stored": "raw posterior N(mean, std^2) of the VAE (unscaled); "
+                         "z0 = (mean + std * eps - shift_factor) * scaling_factor",
+               "image_size": cfg.image_size, "channels": cfg.channels, "vae": vae.identity()}
+    if buckets:
+        latents.update(buckets=[list(b) for b in buckets], bucket_counts=bucket_counts,
+                       bucket_member=LATENT_BUCKET)
     new.update(shards=[{"url": r["url"], "count": r["count"], "bytes": r["bytes"]} for r in recs],
                total=sum(r["count"] for r in recs),
                image_key=manifest.get("image_key") if keep_images else None,
-               latents={"shape": list(shape), "scaling_factor": vae.scale, "shift_factor": vae.shift,
-                        "dtype": "float16", "mean": LATENT_MEAN, "std": LATENT_STD,
-                        "stored": "raw posterior N(mean, std^2) of the VAE (unscaled); "
-                                  "z0 = (mean + std * eps - shift_factor) * scaling_factor",
-                        "image_size": cfg.image_size, "channels": cfg.channels, "vae": vae.identity()},
+               latents=latents,
                skipped_latents=skipped,
                source={**manifest.get("source", {}), "latents_from": src_dir},
                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import hashlib
 import io
 import json
@@ -95,8 +96,9 @@ import torch
 from PIL import Image
 
 from framework.data.buckets import BucketBatcher, assign, bucket_name, buckets_from_config, format_histogram
-from framework.data.shardformat import (DataError, is_remote, join_url, local_path, manifest_caption_lines, sample_captions,
-                          unpack_embedding, url_dir)
+from framework.config import ConfigError
+from framework.data.shardformat import (LATENT_BUCKET, DataError, is_remote, join_url, local_path, manifest_caption_lines,
+                                        read_latent_bucket, sample_captions, unpack_embedding, url_dir)
 from framework.data.shardlist import Shard, expand_spec
 from framework.data.tario import ShardReader, iter_shard_samples, read_samples_at, shard_events
 
@@ -217,6 +219,9 @@ def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tupl
     k = rng.randrange(len(caps)) if len(caps) > 1 else 0
     out: dict[str, Any] = {"key": sample["__key__"], "caption": caps[k], "label": -1}
     if latents is not None:       # z0 = scaled draw from the stored posterior (framework/vae.py)
+        if buckets:               # the bucket its image was encoded at, stored by precompute_latents
+            out["bucket"], out["size_cond"], shape = _latent_bucket(sample, buckets, latents)
+            latents = dataclasses.replace(latents, shape=shape)
         try:
             out["image"] = latents.draw(sample, rng)
         except ValueError as e:
@@ -226,8 +231,8 @@ def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tupl
             arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
         except Exception as e:
             raise _Reject("decode", repr(e)) from None
-        # TODO(buckets x latents): precomputed latents store their bucket shape per sample; until that
-        # reader lands, a bucketed .npy must already have a bucket's (h, w) (docs/data.md)
+        # a .npy image is taken as it is (no resize): with buckets its (h, w) must be a bucket's
+        # (precomputed latents carry their bucket in zbucket.json: data.latents, above)
         if buckets:
             if arr.ndim != 3 or arr.shape[0] != cfg.channels or tuple(arr.shape[1:]) not in set(map(tuple, buckets)):
                 raise _Reject("shape", f"npy shape {arr.shape}: not ({cfg.channels}, h, w) of a data.buckets bucket")
@@ -276,6 +281,50 @@ def decode_sample(sample: dict, cfg, rng: random.Random, emb_dims: Optional[tupl
             except Exception as e:
                 raise _Reject("shape", f"pooled: {e}") from None
     return out
+
+
+def _latent_bucket(sample: dict, buckets: Sequence, latents) -> tuple[tuple[int, int], list[int], tuple]:
+    """A bucketed latent sample's stored placement (``zbucket.json``) -> (bucket (H, W) pixels,
+    size_cond, latent shape (c, H/f, W/f)), checked against data.buckets and the manifest's VAE."""
+    if LATENT_BUCKET not in sample:
+        raise _Reject("no_latent", f"no {LATENT_BUCKET} (latents precomputed without data.buckets)")
+    try:
+        bucket, sc, shape = read_latent_bucket(sample[LATENT_BUCKET])
+    except (ValueError, KeyError, TypeError) as e:
+        raise _Reject("decode", f"{LATENT_BUCKET}: {e!r}") from None
+    if bucket not in buckets:
+        raise _Reject("shape", f"stored bucket {bucket_name(bucket)} is not one of data.buckets")
+    f = int(latents.vae.get("factor") or 0)
+    if shape[0] != latents.shape[0] or (f and tuple(shape[1:]) != (bucket[0] // f, bucket[1] // f)):
+        raise _Reject("shape", f"stored latent shape {shape} does not fit bucket {bucket_name(bucket)} "
+                               f"({latents.shape[0]} channels, VAE factor {f})")
+    return bucket, sc, shape
+
+
+def _check_latent_buckets(manifests: list, buckets: list) -> None:
+    """data.latents: the trainer's data.buckets must be the bucket set the shards were encoded with
+    (``latents.buckets`` in their shards.json; absent: encoded at one square size)."""
+    want = sorted(tuple(b) for b in buckets)
+
+    def names(bs: list) -> str:
+        return ", ".join(bucket_name(b) for b in bs)
+
+    for m in manifests:
+        got = (m or {}).get("latents", {}).get("buckets")
+        got = sorted(tuple(int(v) for v in b) for b in got) if got else []
+        if got == want:
+            continue
+        if not got:
+            raise ConfigError("data.buckets.enabled=true, but these latent shards were precomputed without "
+                              "buckets (one square size): run tools.precompute_latents with the same "
+                              "data.buckets, or set data.buckets.enabled=false")
+        if not want:
+            raise ConfigError(f"data.buckets: these latent shards were precomputed with aspect-ratio buckets "
+                              f"({names(got)}, shards.json latents.buckets); set data.buckets.enabled=true with "
+                              f"the settings (and data.image_size) they were encoded with")
+        raise ConfigError(f"data.buckets: the bucket set ({names(want)}) differs from the one the latent "
+                          f"shards were encoded with ({names(got)}, shards.json latents.buckets); set "
+                          f"data.buckets (and data.image_size) as tools.precompute_latents had them")
 
 
 def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -868,6 +917,7 @@ class ShardLoader:
         if cfg.latents:               # precomputed VAE posteriors (framework/vae.py, tools/precompute_latents)
             from framework.models.vae import LatentSpec
             self.latents = self.plan.latents = LatentSpec.from_manifests(manifests, cfg.latent_scaling_factor)
+            _check_latent_buckets(manifests, self.plan.buckets)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers = max(0, cfg.num_workers)
         self.steps_per_epoch = self.plan.steps_per_epoch

@@ -23,6 +23,14 @@ manifest (``caption_lines: true``; manifests written before that key existed imp
 Precomputed text embeddings (``pack_embeddings``): ``emb.npy`` (sum of valid tokens, D) fp16, the
 valid tokens of the sample's K captions one after another; ``mask.npy`` (K, L) bool;
 ``pooled.npy`` (K, P) fp16.
+
+Precomputed latents with aspect-ratio buckets (``tools.precompute_latents`` with ``data.buckets``):
+each sample's ``zbucket.json`` (``LATENT_BUCKET``) says where its image went before it was encoded::
+
+    {"bucket": [H, W], "size_cond": [orig_h, orig_w, crop_top, crop_left, H, W], "shape": [c, h, w]}
+
+(pixel bucket, SDXL's size condition, the latent shape ``(c, H / f, W / f)`` of the stored
+posterior); the manifest's ``latents.buckets`` lists the bucket set (pixels) it was encoded with.
 """
 from __future__ import annotations
 
@@ -39,12 +47,13 @@ from framework.files import atomic_write_text
 __all__ = ["DataError", "MANIFEST", "FORMAT", "IMAGE_EXTS", "KEY_RE", "slug", "is_remote", "local_path",
            "join_url", "url_dir", "manifest_path", "read_manifest", "write_manifest", "manifest_caption_lines",
            "stats_path", "read_stats_count", "parse_captions", "sample_captions", "npy_bytes",
-           "pack_embeddings", "unpack_embedding"]
+           "pack_embeddings", "unpack_embedding", "LATENT_BUCKET", "latent_bucket_bytes", "read_latent_bucket"]
 
 MANIFEST = "shards.json"
 FORMAT = "framework-shards/1"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+LATENT_BUCKET = "zbucket.json"  # a bucketed latent sample's placement (see the module docstring)
 
 
 class DataError(ValueError):
@@ -222,3 +231,18 @@ def unpack_embedding(emb: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.ndar
     ctx = np.zeros((mask.shape[1], emb.shape[1]), np.float32)
     ctx[mask[k]] = emb[off:off + int(counts[k])]
     return ctx, mask[k].copy()
+
+
+def latent_bucket_bytes(bucket, size_cond, shape) -> bytes:
+    """A bucketed latent sample's ``zbucket.json`` member (see the module docstring)."""
+    return json.dumps({"bucket": [int(v) for v in bucket], "size_cond": [int(v) for v in size_cond],
+                       "shape": [int(v) for v in shape]}, separators=(",", ":")).encode()
+
+
+def read_latent_bucket(raw: bytes) -> tuple[tuple[int, int], list[int], tuple[int, ...]]:
+    """``zbucket.json`` bytes -> (bucket (H, W), size_cond [6], latent shape (c, h, w)); ValueError if malformed."""
+    d = json.loads(raw)
+    bucket, sc, shape = d["bucket"], d["size_cond"], d["shape"]
+    if len(bucket) != 2 or len(sc) != 6 or len(shape) != 3 or list(sc[4:]) != list(bucket):
+        raise ValueError(f"malformed {LATENT_BUCKET}: {d}")
+    return (int(bucket[0]), int(bucket[1])), [int(v) for v in sc], tuple(int(v) for v in shape)
