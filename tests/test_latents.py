@@ -296,3 +296,44 @@ def test_text_embeddings_compose_with_latents(assets, tmp_path):
     assert b["key"] == plain["key"] and torch.equal(b["image"], plain["image"])
     assert b["ctx"].shape == (4, 8, enc.dim) and b["ctx_mask"].shape == (4, 8)
     torch.testing.assert_close(b["ctx"], enc.encode(b["caption"]).ctx.half().float(), rtol=0, atol=0)
+
+
+def test_encoding_on_the_fly_draws_from_the_posterior_with_the_stream(assets, tmp_path):
+    """vae.path without data.latents: the objective encodes each image batch and diffuses
+    scale * (mean + std * eps_post), eps_post from the trainer's global noise stream (so 2 ranks
+    draw the slices of 1 rank's draw); a 2-step run trains and its export decodes with vae/."""
+    from framework.config import load_config
+    from framework.diffusion.noise import NoiseStream
+    from framework.train.objectives import DiffusionObjective
+    enc = tiny_encoder(str(tmp_path / "enc"))
+    over = [f"text.encoder={enc}", "unet.context_dim=32", "unet.in_channels=4", f"vae.path={assets['vae']}",
+            f"data.urls=['{assets['src']}']"]
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), over)
+    obj = DiffusionObjective(cfg)
+    obj.setup("cpu", torch.float32, None)
+    assert obj.vae is not None and obj.pixel_factor == 2
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    one = NoiseStream(0, 0, 1, torch.device("cpu"))
+    x0, *_ = obj.noised({"image": x}, one)
+    ref_stream = NoiseStream(0, 0, 1, torch.device("cpu"))
+    mean, std = FrozenVAE(assets["vae"]).encode(x)
+    expect = (mean + std * ref_stream.randn(tuple(mean.shape))) * 0.5     # scaling_factor 0.5, once
+    torch.testing.assert_close(x0, expect, rtol=0, atol=0)
+    r1 = NoiseStream(0, 1, 2, torch.device("cpu"))                         # rank 1 of 2: the second half
+    x0_r1, *_ = obj.noised({"image": x[2:]}, r1)
+    torch.testing.assert_close(x0_r1, expect[2:], rtol=0, atol=0)
+    bad = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), over[:3] + ["unet.in_channels=1", over[3]])
+    with pytest.raises(Exception, match="unet.in_channels=4"):
+        DiffusionObjective(bad).setup("cpu", torch.float32, None)
+
+    run_dir = str(tmp_path / "run")
+    p = subprocess.run([sys.executable, "-m", "framework.train", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
+                        f"run_dir={run_dir}", *over, "data.shardshuffle=false", "engine.steps=2", "checkpoint.every=2"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    from framework.export import Pipeline, export
+    summary = export(run_dir, str(tmp_path / "export"))
+    assert "vae/config.json" in summary["files"]
+    pipe = Pipeline.from_pretrained(summary["out"])
+    assert (pipe.channels, pipe.image_size, pipe.latent_factor) == (4, 8, 2)
+    assert pipe(["a photo of a bag"], steps=2, output_type="pt").shape == (1, 1, 16, 16)

@@ -143,9 +143,10 @@ def train_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
             "-m", "framework.train", "--config", config, *overrides]
 
 
-def train(nproc: int, config: str, run_dir: str, overrides: list[str], resume: bool) -> dict:
-    """``framework.train`` on ``nproc`` CPU processes; -> the last metrics row."""
-    if not resume and os.path.isdir(run_dir):
+def train(nproc: int, config: str, run_dir: str, overrides: list[str], resume: bool, clean: bool = True) -> dict:
+    """``framework.train`` on ``nproc`` CPU processes (``run_dir`` removed first unless ``resume`` or not
+    ``clean``); -> the last metrics row."""
+    if clean and not resume and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     cmd = train_command(nproc, config, [f"run_dir={run_dir}"] + (["checkpoint.resume=auto"] if resume else [])
                         + list(overrides))
@@ -244,20 +245,20 @@ def run_pixel(args, phase: Phases, threads: int, load0: float) -> dict:
 
 def run_latent(args, phase: Phases, threads: int, load0: float) -> dict:
     """The latent demo: autoencoder -> latents + embeddings -> latent UNet -> decoded samples."""
-    from framework.config import TextConfig, load_config
+    from framework.config import load_config
     from framework.data.latents import precompute_latents
-    from framework.data.precompute import precompute_text
+    from framework.data.precompute import text_encoder_info
     from framework.models.autoencoder import export_autoencoder
     from framework.models.text import TextEncoder
     from framework.models.vae import FrozenVAE
 
     vae_run, vae_dir = os.path.join(args.run_dir, "vae-run"), os.path.join(args.run_dir, "vae")
-    lat_dir, emb_dir = os.path.join(args.run_dir, "latents"), os.path.join(args.run_dir, "latents-text")
+    lat_dir = os.path.join(args.run_dir, "latents")
     with phase("shards"):
         build_shards(args.data, "train")
         build_shards(args.test_data, "test")
-    if args.resume and os.path.isfile(os.path.join(emb_dir, "shards.json")):
-        print(f"--resume: reusing {vae_dir} and {emb_dir}")
+    if args.resume and os.path.isfile(os.path.join(lat_dir, "shards.json")):
+        print(f"--resume: reusing {vae_dir} and {lat_dir}")
         vae_info = json.load(open(os.path.join(args.run_dir, "vae.json")))
     else:
         if os.path.isdir(args.run_dir):
@@ -276,22 +277,21 @@ def run_latent(args, phase: Phases, threads: int, load0: float) -> dict:
             print(f"held-out PSNR {ev['psnr']:.2f} dB (1000 test images), latent std "
                   f"{[round(x, 3) for x in ev['latent_std']]} -> scaling factor {s['scaling_factor']:.4f}")
         cfg = load_config(args.config, list(args.overrides))
-        with phase("latents"):
+        with phase("latents"):      # posterior mean/std and the caption embeddings, one pass
             vae = FrozenVAE(vae_dir, device="cpu")
-            m = precompute_latents(os.path.abspath(args.data), lat_dir, vae, cfg.data, batch_size=250, wait_s=60)
+            enc = TextEncoder(cfg.text, device="cpu")
+            m = precompute_latents(os.path.abspath(args.data), lat_dir, vae, cfg.data, batch_size=250, wait_s=60,
+                                   text_encoder=enc, text_info=text_encoder_info(cfg.text))
             lat = m["latents"]
             vae_info["latent_shape"] = lat["shape"]
-            print(f"{m['total']} latents {lat['shape']} in {len(m['shards'])} shards")
-        with phase("embeddings"):
-            enc = TextEncoder(TextConfig(**{**cfg.text.__dict__}), device="cpu")
-            precompute_text(lat_dir, emb_dir, enc, {"encoder": cfg.text.encoder, "max_length": cfg.text.max_length,
-                                                    "pooled": cfg.text.pooled}, wait_s=60)
+            print(f"{m['total']} latents {lat['shape']} + caption embeddings in {len(m['shards'])} shards")
         with open(os.path.join(args.run_dir, "vae.json"), "w") as f:
             json.dump(vae_info, f, indent=1)
     with phase("train"):
         last = train(args.nproc, args.config, args.run_dir,
-                     [f"data.urls=['{os.path.abspath(emb_dir)}']", f"vae.path={os.path.abspath(vae_dir)}"]
-                     + list(args.overrides), args.resume and os.path.isdir(os.path.join(args.run_dir, "checkpoints")))
+                     [f"data.urls=['{os.path.abspath(lat_dir)}']", f"vae.path={os.path.abspath(vae_dir)}"]
+                     + list(args.overrides), args.resume and os.path.isdir(os.path.join(args.run_dir, "checkpoints")),
+                     clean=False)    # RUN holds the autoencoder and the latents too
     res = export_sample_evaluate(args, phase)
     return summarize(args, phase, threads, load0, last, res, {"vae": vae_info})
 

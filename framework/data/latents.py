@@ -291,12 +291,20 @@ def precompute_latents(src: str, out_dir: str, vae: FrozenVAE, data_cfg: DataCon
 # ---------------------------------------------------------------------------------------------
 def latent_export_info(cfg) -> Optional[dict]:
     """For a run trained on precomputed latents (``cfg.data.latents``): the VAE that made them and the
-    scaling training used, checked. None for a pixel-space run. The VAE is ``cfg.vae.path`` or else
+    scaling training used, checked; for one that encoded on the fly (``vae.path`` without
+    ``data.latents``): that VAE and its scaling. None for a pixel-space run. The VAE is ``cfg.vae.path`` or else
     the path recorded in the shards' manifest; its weights must be the ones that encoded the shards."""
-    if not getattr(cfg.data, "latents", False):
-        return None
     from framework.config import ConfigError
-    from framework.models.vae import LatentSpec, weights_digest
+    from framework.models.vae import FrozenVAE, LatentSpec, weights_digest
+
+    if not getattr(cfg.data, "latents", False):
+        if not cfg.vae.path:
+            return None                   # pixel space
+        vae = FrozenVAE.from_config(cfg.vae, device="cpu")     # encoded on the fly by the trainer
+        shape = vae.latent_shape(cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        return {"vae": "vae", "source": os.path.abspath(cfg.vae.path), "sha256": vae.digest,
+                "scaling_factor": vae.scale, "shift_factor": vae.shift, "shape": list(shape),
+                "image_size": int(cfg.data.image_size)}
 
     manifests = [expand_spec(u, allow_pipe=cfg.data.allow_pipe)[1] for u in cfg.data.urls]
     spec = LatentSpec.from_manifests(manifests, cfg.data.latent_scaling_factor)

@@ -25,6 +25,7 @@ from framework.diffusion import process as D
 from framework.data.buckets import buckets_from_config, size_cond
 from framework.config import Config, ConfigError
 from framework.models.text import Condition, cast_floats
+from framework.models.vae import scale_latent
 
 __all__ = ["DiffusionObjective", "ClassifierObjective", "build_objective", "check_widths"]
 
@@ -51,9 +52,16 @@ class _NoisedImages:
     def setup(self, device, dtype, batch_source) -> None:
         self.device, self.dtype = torch.device(device), dtype
 
+    vae = None              # a FrozenVAE: images are encoded to latents on the fly
+
     def noised(self, batch: dict, noise):
-        """-> x0 (B,C,H,W) fp32, t (B,), eps, u (B,) dropout draws, x_t in the compute dtype."""
+        """-> x0 (B,C,H,W) fp32, t (B,), eps, u (B,) dropout draws, x_t in the compute dtype.
+        With ``vae`` set, x0 is a posterior draw of the image's scaled latent, its eps from the
+        noise stream (global: N ranks draw what 1 rank draws)."""
         x0 = batch["image"].to(self.device, non_blocking=True).float()
+        if self.vae is not None:
+            mean, std = self.vae.encode(x0)
+            x0 = scale_latent(mean + std * noise.randn(tuple(mean.shape)), self.vae.scale, self.vae.shift)
         t, eps, u = noise.draw(tuple(x0.shape), self.sched.T)
         # forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (t is ours: no host check)
         x_t = D.q_sample(self.sched, x0, t, eps, trusted=True)
@@ -76,6 +84,7 @@ class DiffusionObjective(_NoisedImages):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
+        self.vae = None     # set when images are encoded on the fly (vae.path without data.latents)
         self.encoder = None
         self.null = None
         self.buckets: list = []
@@ -96,6 +105,14 @@ class DiffusionObjective(_NoisedImages):
     def setup(self, device, dtype, batch_source) -> None:
         super().setup(device, dtype, batch_source)
         cfg = self.cfg
+        if cfg.vae.path and not cfg.data.latents:     # encoding on the fly: the frozen VAE on the trainer
+            from framework.models.vae import FrozenVAE
+            self.vae = FrozenVAE.from_config(cfg.vae, device=self.device)
+            c, _, _ = self.vae.latent_shape(cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+            if c != cfg.unet.in_channels:
+                raise ConfigError(f"unet.in_channels={cfg.unet.in_channels} but the VAE at vae.path={cfg.vae.path} "
+                                  f"gives {c}-channel latents: set unet.in_channels={c}")
+            self.pixel_factor = self.vae.factor
         self.buckets = self.check_buckets()
         if not cfg.data.use_embeddings:
             from framework.models.text import TextEncoder
@@ -157,7 +174,7 @@ class DiffusionObjective(_NoisedImages):
     def sample_grid(self, module: torch.nn.Module, ema, step: int, rank: int) -> Optional[str]:
         """DDIM samples of cfg.sample.prompts with the EMA weights, every rank taking part (ZeRO-3's
         forward is collective); rank 0 writes RUN/samples/stepN.png. Needs the text encoder."""
-        if self.encoder is None or self.cfg.data.latents:   # latents: the Pipeline decodes them
+        if self.encoder is None or self.cfg.data.latents or self.vae is not None:   # latents: the Pipeline decodes
             return None
         from framework.images import save_grid
         from framework.pipeline import guided_sample, network_fn
