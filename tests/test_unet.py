@@ -51,6 +51,12 @@ def inputs(cfg: UNetConfig, b=2, h=16, w=16, L=7, seed=1):
     return x, t, dict(ctx=ctx, ctx_mask=mask, pooled=pooled)
 
 
+def eval_unet(cfg: UNetConfig):
+    """A perturbed UNet(cfg) in eval mode (built after torch.manual_seed(0)) and its inputs: m, x, t, kw."""
+    torch.manual_seed(0)
+    return (perturb(UNet(cfg)).eval(), *inputs(cfg))
+
+
 # ---------------------------------------------------------------------------------------------
 # Presets
 # ---------------------------------------------------------------------------------------------
@@ -118,9 +124,7 @@ def test_zero_init_lives_in_reset_parameters():
 @pytest.mark.equivalence
 def test_padding_invariance_and_mask_semantics():
     cfg = small_cfg()
-    torch.manual_seed(0)
-    m = perturb(UNet(cfg)).eval()
-    x, t, kw = inputs(cfg)
+    m, x, t, kw = eval_unet(cfg)
     with torch.no_grad():
         ref = m(x, t, **kw)
         # append 5 padded (masked) tokens holding garbage
@@ -147,9 +151,7 @@ def test_padding_invariance_and_mask_semantics():
 
 def test_output_depends_on_ctx_pooled_and_t():
     cfg = small_cfg()
-    torch.manual_seed(0)
-    m = perturb(UNet(cfg)).eval()
-    x, t, kw = inputs(cfg)
+    m, x, t, kw = eval_unet(cfg)
     with torch.no_grad():
         ref = m(x, t, **kw)
         assert (m(x, t, **dict(kw, ctx=kw["ctx"] + 1)) - ref).abs().max() > 1e-3
@@ -214,9 +216,7 @@ def test_activation_checkpointing_identical(kind):
 @pytest.mark.equivalence
 def test_channels_last_same_output():
     cfg = small_cfg()
-    torch.manual_seed(0)
-    m = perturb(UNet(cfg)).eval()
-    x, t, kw = inputs(cfg)
+    m, x, t, kw = eval_unet(cfg)
     with torch.no_grad():
         ref = m(x, t, **kw)
         m.to(memory_format=torch.channels_last)
@@ -281,12 +281,10 @@ def test_state_dict_mapping_round_trip():
 def test_matches_diffusers_unet(kw):
     from diffusers import UNet2DConditionModel
     cfg = small_cfg(**kw)
-    torch.manual_seed(0)
-    ours = perturb(UNet(cfg)).eval()
+    ours, x, t, c = eval_unet(cfg)
     theirs = UNet2DConditionModel(**diffusers_config(cfg)).eval()
     missing, unexpected = theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
     assert not missing and not unexpected
-    x, t, c = inputs(cfg)
     with torch.no_grad():
         a = ours(x, t, **c)
         b = theirs(x, t, encoder_hidden_states=c["ctx"], encoder_attention_mask=c["ctx_mask"],
