@@ -60,3 +60,21 @@ def engine_assets(d) -> dict:
     enc = tiny_encoder(str(d / "enc"))
     write_shards(str(d / "shards"), 16, 4, size=16)
     return {"enc": enc, "urls": str(d / "shards" / "data-{000000..000015}.tar"), "dir": d}
+
+
+def take(loader, n: int) -> list:
+    return [next(loader) for _ in range(n)]
+
+
+def loader_run(cfg, steps: int, batch: int, rank: int, world: int, seed: int = 5, state=None):
+    """``steps`` batches of the loader of ``cfg`` (DataConfig) as rank ``rank`` of ``world``, resumed
+    from ``state`` when given (through JSON, as a checkpoint stores it) -> (batches, the loader's state
+    dict after them, its stats). The loader is closed."""
+    from framework.data.loader import build_loader
+    L = build_loader(cfg, batch, rank, world, seed)
+    if state is not None:
+        L.load_state_dict(json.loads(json.dumps(state)))
+    batches = take(L, steps)
+    st, stats = L.state_dict(), L.stats()
+    L.close()
+    return batches, st, stats

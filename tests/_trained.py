@@ -5,14 +5,19 @@ config, the tiny encoder and tiny shards of tests/_fixtures.py. The data order i
 16 shards of 4 samples, no workers) and the noise stream is global, so a 2-rank run with micro batch
 4 sees exactly what a 1-rank run with micro batch 8 sees: their weights agree up to reduction order
 (amplified by Adam at most lr/eps = 30 times, with optim.eps=1e-4).
+
+The job helpers below (command line, arguments, run, start, metrics, wait) are shared with the
+engine and robustness tests, which start their own jobs.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 
-from tests._fixtures import tiny_encoder, write_shards
+from tests._fixtures import engine_assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -20,11 +25,9 @@ _CACHE: dict = {}
 
 
 def assets(tmp_path_factory) -> dict:
+    """tests/_fixtures.py's engine_assets (tiny encoder, 16 shards of 4), built once per session; read only."""
     if "assets" not in _CACHE:
-        d = tmp_path_factory.mktemp("export_assets")
-        enc = tiny_encoder(str(d / "enc"))
-        write_shards(str(d / "shards"), 16, 4, size=16)
-        _CACHE["assets"] = {"enc": enc, "urls": str(d / "shards" / "data-{000000..000015}.tar"), "dir": d}
+        _CACHE["assets"] = engine_assets(tmp_path_factory.mktemp("train_assets"))
     return _CACHE["assets"]
 
 
@@ -36,22 +39,76 @@ def env() -> dict:
     return e
 
 
-def train(a: dict, run_dir: str, nproc: int, stage: int, extra=()) -> str:
-    cmd = [sys.executable, "-m", "framework.train"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         "-m", "framework.train"]
-    args = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run_dir={run_dir}",
+TRAIN = ("-m", "framework.train")
+
+
+def job_cmd(nproc: int, entry=TRAIN) -> list[str]:
+    """``python ENTRY`` for one process, under ``torchrun --standalone`` for nproc ranks."""
+    if nproc == 1:
+        return [sys.executable, *entry]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry]
+
+
+def tiny_args(a: dict, run_dir, *overrides: str) -> list[str]:
+    """The tiny config on the assets ``a`` (tiny encoder, 16 shards of 4), read in a fixed order (no
+    shuffling, no workers: what the equivalence tests rely on), then ``overrides``."""
+    return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run_dir={run_dir}",
             f"text.encoder={a['enc']}", "unet.context_dim=32", f"data.urls=['{a['urls']}']",
             "data.shardshuffle=false", "data.shuffle_buffer=0", "data.num_workers=0", "text.p_uncond=0.25",
-            f"engine.zero_stage={stage}", f"engine.micro_batch={8 // nproc}", f"engine.steps={STEPS}",
-            f"checkpoint.every={STEPS}", "optim.lr=3e-3", "engine.ema_decay=0.5", "sample.steps=4",
-            # Adam's eps bounds how much it amplifies a rounding-level gradient difference between
-            # two equivalent runs (N ranks vs 1): at most lr/eps, 3e5 with the default 1e-8, 30 with
-            # 1e-4 (see test_classifier's `adam`); the consolidation tests' weight checks rely on it
-            "optim.eps=1e-4", *extra]
-    p = subprocess.run(cmd + args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    if p.returncode != 0:
+            *overrides]
+
+
+def run_job(argv: list[str], check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run a job to its end in a clean launcher environment; a failure (with ``check``) raises with
+    the end of its output."""
+    p = subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
         raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def start_job(argv: list[str], **popen) -> subprocess.Popen:
+    """Start a job in its own session (a test can kill its whole process group)."""
+    return subprocess.Popen(argv, cwd=ROOT, env=env(), start_new_session=True, **popen)
+
+
+def metrics(run_dir) -> list[dict]:
+    """metrics.jsonl; a line cut short by a SIGKILL is skipped."""
+    out = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> loss; a resumed run appends, later lines win."""
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def wait_for(cond, timeout=180, what="", proc=None):
+    """Poll ``cond`` until it holds; fail after ``timeout`` s, or as soon as ``proc`` has ended."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the job ended ({proc.returncode}) before {what}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def train(a: dict, run_dir: str, nproc: int, stage: int, extra=()) -> str:
+    run_job(job_cmd(nproc) + tiny_args(
+        a, run_dir, f"engine.zero_stage={stage}", f"engine.micro_batch={8 // nproc}", f"engine.steps={STEPS}",
+        f"checkpoint.every={STEPS}", "optim.lr=3e-3", "engine.ema_decay=0.5", "sample.steps=4",
+        # Adam's eps bounds how much it amplifies a rounding-level gradient difference between
+        # two equivalent runs (N ranks vs 1): at most lr/eps, 3e5 with the default 1e-8, 30 with
+        # 1e-4 (see test_classifier's `adam`); the consolidation tests' weight checks rely on it
+        "optim.eps=1e-4", *extra), timeout=300)
     return run_dir
 
 

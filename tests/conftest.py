@@ -35,3 +35,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """What the training-job tests run on (tests/_trained.py: tiny encoder, 16 shards of 4), built
+    once per session and only read. A module with other assets defines its own fixture."""
+    from tests._trained import assets as train_assets
+    return train_assets(tmp_path_factory)

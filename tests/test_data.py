@@ -15,6 +15,7 @@ from PIL import Image
 from framework.config import DataConfig
 from framework.data.loader import DataError, build_loader, expand_spec, iter_shard_samples
 from framework.data.shards import ShardWriter
+from tests._fixtures import loader_run, take
 
 COUNTS = [12, 9, 15, 11, 12, 8, 14, 10, 13, 12]     # 10 shards, unequal, 116 samples
 
@@ -62,10 +63,6 @@ def cfg_for(urls, **kw) -> DataConfig:
                 shuffle_buffer=16, num_workers=0)
     base.update(kw)
     return DataConfig(**base)
-
-
-def take(loader, n):
-    return [next(loader) for _ in range(n)]
 
 
 def keys_of(batches):
@@ -132,13 +129,8 @@ def test_two_ranks_two_workers_disjoint_and_cover(ds):
 
 
 def _run(urls, steps, B, rank, R, W, seed=5, sd=None, **kw):
-    L = build_loader(cfg_for(urls, num_workers=W, **kw), B, rank, R, seed)
-    if sd is not None:
-        L.load_state_dict(json.loads(json.dumps(sd)))       # what a checkpoint round trip does
-    out = keys_of(take(L, steps))
-    st, stats = L.state_dict(), L.stats()
-    L.close()
-    return out, st, stats
+    batches, st, stats = loader_run(cfg_for(urls, num_workers=W, **kw), steps, B, rank, R, seed, sd)
+    return keys_of(batches), st, stats
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from framework.data.buckets import assign, make_buckets, nearest_bucket
 from framework.config import BucketConfig, DataConfig
 from framework.data.loader import build_loader, decode_sample
 from framework.data.shards import ShardWriter
+from tests._fixtures import loader_run, take
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(20, 40), (40, 20), (30, 30), (24, 36), (36, 24), (27, 31), (50, 26), (19, 45)]   # (h, w), aspects 0.4..2.4
@@ -76,10 +77,6 @@ def cfg_for(urls, buckets=True, **kw) -> DataConfig:
                 buckets=BucketConfig(enabled=buckets, step=8))
     base.update(kw)
     return DataConfig(**base)
-
-
-def take(loader, n):
-    return [next(loader) for _ in range(n)]
 
 
 def digest(batches) -> list[str]:
@@ -157,13 +154,8 @@ def test_random_crop_and_flip_are_the_placement_seen_in_the_pixels():
 
 
 def _run(urls, steps, B, rank, R, W, seed=5, sd=None, **kw):
-    L = build_loader(cfg_for(urls, num_workers=W, **kw), B, rank, R, seed)
-    if sd is not None:
-        L.load_state_dict(json.loads(json.dumps(sd)))       # what a checkpoint round trip does
-    out = digest(take(L, steps))
-    st, stats = L.state_dict(), L.stats()
-    L.close()
-    return out, st, stats
+    batches, st, stats = loader_run(cfg_for(urls, num_workers=W, **kw), steps, B, rank, R, seed, sd)
+    return digest(batches), st, stats
 
 
 @pytest.mark.parametrize("W,R", [(0, 1), pytest.param(2, 2, marks=pytest.mark.slow)])

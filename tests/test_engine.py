@@ -5,74 +5,29 @@ tests exercise what a user runs. Tiny config, a few steps each.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests._fixtures import engine_assets
-from tests._trained import env as _env   # a clean launcher environment for child processes
+from tests._trained import job_cmd, losses, metrics, run_job, start_job, tiny_args, wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return engine_assets(tmp_path_factory.mktemp("engine_assets"))
-
-
-def _cmd(nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "framework.train"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "framework.train"]
-
-
-
-
 def _args(assets, run_dir, overrides) -> list[str]:
-    return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run_dir={run_dir}",
-            f"text.encoder={assets['enc']}", "unet.context_dim=32", f"data.urls=['{assets['urls']}']",
-            "data.shardshuffle=false", "data.shuffle_buffer=0", "data.num_workers=0",
-            "text.p_uncond=0.25", "engine.log_every=1", *overrides]
+    return tiny_args(assets, run_dir, "engine.log_every=1", *overrides)
 
 
 def run(assets, run_dir, nproc=1, overrides=(), check=True, timeout=240) -> subprocess.CompletedProcess:
-    p = subprocess.run(_cmd(nproc) + _args(assets, run_dir, overrides), cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return p
+    return run_job(job_cmd(nproc) + _args(assets, run_dir, overrides), check, timeout)
 
 
 def start(assets, run_dir, nproc=1, overrides=()) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(nproc) + _args(assets, run_dir, overrides), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def metrics(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def losses(run_dir) -> dict[int, float]:
-    """step -> loss; a resumed run appends, later lines win."""
-    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
-
-
-def wait_for(cond, timeout=180, what=""):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return start_job(job_cmd(nproc) + _args(assets, run_dir, overrides),
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +172,7 @@ except NonFiniteLossError as e:
 
 def test_non_finite_loss_is_skipped_then_aborts(assets, tmp_path):
     args = _args(assets, tmp_path / "nan", ["engine.steps=3", "engine.max_nonfinite=3"])
-    p = subprocess.run([sys.executable, "-c", NAN_SCRIPT, *args[1:]], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=240)
+    p = run_job([sys.executable, "-c", NAN_SCRIPT, *args[1:]], check=False, timeout=240)
     assert "SKIPPED 1 STEP 3" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
     assert "ABORT 3 non-finite losses in a row, the last at step 1" in p.stdout, p.stdout + p.stderr[-3000:]
 

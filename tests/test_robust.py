@@ -30,70 +30,22 @@ import time
 import pytest
 
 from framework.train import checkpoint as ckpt
-from tests._fixtures import engine_assets
-from tests._trained import env as _env
+from tests._trained import TRAIN, job_cmd, losses, metrics, run_job, start_job, tiny_args, wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return engine_assets(tmp_path_factory.mktemp("robust_assets"))
-
-
-def _cmd(nproc: int, entry=("-m", "framework.train")) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, *entry]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry]
-
-
 def _args(assets, run_dir, overrides) -> list[str]:
-    return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), f"run_dir={run_dir}",
-            f"text.encoder={assets['enc']}", "unet.context_dim=32", f"data.urls=['{assets['urls']}']",
-            "data.shardshuffle=false", "data.shuffle_buffer=0", "data.num_workers=0", "text.p_uncond=0.25",
-            "engine.log_every=1", "log.tensorboard=false", "optim.lr=3e-3", *overrides]
+    return tiny_args(assets, run_dir, "engine.log_every=1", "log.tensorboard=false", "optim.lr=3e-3", *overrides)
 
 
-def run(assets, run_dir, nproc=2, overrides=(), check=True, entry=("-m", "framework.train"),
-        timeout=240) -> subprocess.CompletedProcess:
-    p = subprocess.run(_cmd(nproc, entry) + _args(assets, run_dir, overrides), cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return p
+def run(assets, run_dir, nproc=2, overrides=(), check=True, entry=TRAIN, timeout=240) -> subprocess.CompletedProcess:
+    return run_job(job_cmd(nproc, entry) + _args(assets, run_dir, overrides), check, timeout)
 
 
 def start(assets, run_dir, nproc=2, overrides=()) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(nproc) + _args(assets, run_dir, overrides), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def metrics(run_dir) -> list[dict]:
-    """metrics.jsonl; a line cut short by a SIGKILL is skipped."""
-    out = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
-
-
-def losses(run_dir) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
-
-
-def wait_for(cond, timeout=180, what="", proc=None):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if cond():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the job ended ({proc.returncode}) before {what}")
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return start_job(job_cmd(nproc) + _args(assets, run_dir, overrides),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _alive(pid: int) -> bool:
@@ -318,8 +270,7 @@ print("RESULT" + json.dumps(out))
 def test_bad_inputs_give_one_line_and_a_distinct_status(assets, tmp_path):
     cases = _bad_inputs(assets, tmp_path)
     argvs = [_args(assets, tmp_path / "run", ["engine.steps=1", *over]) for _, over, _, _ in cases]
-    p = subprocess.run([sys.executable, "-c", BAD_INPUTS_SCRIPT, json.dumps(argvs)], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=300)
+    p = run_job([sys.executable, "-c", BAD_INPUTS_SCRIPT, json.dumps(argvs)], check=False, timeout=300)
     assert "RESULT" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
     results = json.loads(p.stdout.split("RESULT", 1)[1])
     rows = []

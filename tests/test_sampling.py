@@ -354,23 +354,31 @@ def test_cfg_bad_inputs():
         cfg_model(model, {"y": y}, {"z": y}, 2.0)(x, t)
 
 
-def _fraction_right(x, y):
-    """Fraction of samples on the side of their own component (means +-mu along dim 0)."""
-    sign = 1 - 2 * y.double()
-    return ((x[:, 0] * sign) > 0).double().mean().item()
+def _guided_problem(n, **mixture):
+    """A Mixture(**mixture) on a 200-step cosine schedule, n starting points x_T (seed 0) and
+    alternating labels y: sched, mix, x_T, y."""
+    sched = Schedule(200, "cosine")
+    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return sched, Mixture(sched, **mixture), x_T, (torch.arange(n) % 2).long()
+
+
+def _sample(model_fn, x_T, sched, **kw):
+    """DDPM samples from x_T with the noise of seed 1 (the same for every guided run compared)."""
+    return ddpm_sample(model_fn, x_T, sched, generator=torch.Generator().manual_seed(1), **kw)
+
+
+def _scores(mix, x, y):
+    """(fraction of samples on the side of their own component (means +-mu along dim 0), mean exact
+    log p(y | x_0))."""
+    right = ((x[:, 0] * (1 - 2 * y.double())) > 0).double().mean().item()
+    return right, mix.clean_log_post(x, y).mean().item()
 
 
 def test_cfg_sampling_on_mixture():
-    sched = Schedule(200, "cosine")
-    mix = Mixture(sched)
-    n = 2000
-    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    y = (torch.arange(n) % 2).long()
+    sched, mix, x_T, y = _guided_problem(2000)
     null = torch.tensor([Mixture.NULL])
-    out = {}
-    for gamma in (0.0, 1.0, 3.0):
-        x = ddpm_sample(cfg_model(mix.model, y, null, gamma), x_T, sched, generator=torch.Generator().manual_seed(1))
-        out[gamma] = (_fraction_right(x, y), mix.clean_log_post(x, y).mean().item())
+    out = {gamma: _scores(mix, _sample(cfg_model(mix.model, y, null, gamma), x_T, sched), y)
+           for gamma in (0.0, 1.0, 3.0)}
     assert abs(out[0.0][0] - 0.5) < 0.05                           # unconditional: either component
     assert out[1.0][0] >= 0.99                                     # conditional: its own component
     assert out[3.0][0] >= out[1.0][0] and out[3.0][1] > out[1.0][1]   # sharper
@@ -398,21 +406,17 @@ def test_classifier_guidance_with_exact_posterior_is_conditional_model():
 
 
 def test_classifier_guided_sampling_both_forms():
-    sched = Schedule(200, "cosine")
-    mix = Mixture(sched)
     n = 2000
-    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    y = (torch.arange(n) % 2).long()
+    sched, mix, x_T, y = _guided_problem(n)
     res = {}
     for gamma in (1.0, 3.0):
         # eps-correction form, any sampler
-        x = ddpm_sample(classifier_guided_model(mix.uncond, mix.log_post, y, gamma, sched), x_T, sched,
-                        generator=torch.Generator().manual_seed(1))
-        res["eps", gamma] = (_fraction_right(x, y), mix.clean_log_post(x, y).mean().item())
+        x = _sample(classifier_guided_model(mix.uncond, mix.log_post, y, gamma, sched), x_T, sched)
+        res["eps", gamma] = _scores(mix, x, y)
         # mean-shift form of the ancestral sampler: x_{t-1} = mu + gamma beta_tilde_t g(mu) + sigma z
-        x = ddpm_sample(mix.uncond, x_T, sched, generator=torch.Generator().manual_seed(1),
-                        classifier_grad=classifier_grad_fn(mix.log_post, y), classifier_scale=gamma)
-        res["shift", gamma] = (_fraction_right(x, y), mix.clean_log_post(x, y).mean().item())
+        x = _sample(mix.uncond, x_T, sched, classifier_grad=classifier_grad_fn(mix.log_post, y),
+                    classifier_scale=gamma)
+        res["shift", gamma] = _scores(mix, x, y)
         if gamma == 1.0:                            # the conditional p(x | y) = N(+-mu, s2 I) itself
             signed = x * (1 - 2 * y.double()).unsqueeze(1)
             se = math.sqrt(mix.s2 / n)
@@ -432,15 +436,9 @@ def test_mean_shift_form_tracks_eps_correction_form():
     """The ancestral mean shift x_{t-1} = mu + gamma beta_tilde_t g(mu) is the first-order equivalent
     of the eps correction: with the same noise, the two chains end close together, path by path
     (overlapping components, so the guidance does real work: a 20% larger shift is 6x farther)."""
-    sched = Schedule(200, "cosine")
-    mix = Mixture(sched, mu=(1.0, 0.0))
-    n = 1000
-    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    y = (torch.arange(n) % 2).long()
-    a = ddpm_sample(classifier_guided_model(mix.uncond, mix.log_post, y, 1.0, sched), x_T, sched,
-                    generator=torch.Generator().manual_seed(1))
-    b = ddpm_sample(mix.uncond, x_T, sched, generator=torch.Generator().manual_seed(1),
-                    classifier_grad=classifier_grad_fn(mix.log_post, y), classifier_scale=1.0)
+    sched, mix, x_T, y = _guided_problem(1000, mu=(1.0, 0.0))
+    a = _sample(classifier_guided_model(mix.uncond, mix.log_post, y, 1.0, sched), x_T, sched)
+    b = _sample(mix.uncond, x_T, sched, classifier_grad=classifier_grad_fn(mix.log_post, y), classifier_scale=1.0)
     assert (a - b).norm(dim=1).mean().item() < 0.02
 
 

@@ -2,6 +2,7 @@ import copy
 import glob
 import importlib.util
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -49,6 +50,18 @@ def inputs(cfg: UNetConfig, b=2, h=16, w=16, L=7, seed=1):
     mask[0, 4:] = False                               # sample 0 has 4 real tokens
     pooled = torch.randn(b, cfg.pooled_dim, generator=g) if cfg.pooled_dim else None
     return x, t, dict(ctx=ctx, ctx_mask=mask, pooled=pooled)
+
+
+def eval_unet(cfg: Optional[UNetConfig] = None):
+    """A perturbed UNet(cfg) (default: small_cfg()) in eval mode, built after torch.manual_seed(0),
+    its inputs and its output on them: m, x, t, kw, ref."""
+    cfg = cfg or small_cfg()
+    torch.manual_seed(0)
+    m = perturb(UNet(cfg)).eval()
+    x, t, kw = inputs(cfg)
+    with torch.no_grad():
+        ref = m(x, t, **kw)
+    return m, x, t, kw, ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,14 +130,10 @@ def test_zero_init_lives_in_reset_parameters():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.equivalence
 def test_padding_invariance_and_mask_semantics():
-    cfg = small_cfg()
-    torch.manual_seed(0)
-    m = perturb(UNet(cfg)).eval()
-    x, t, kw = inputs(cfg)
+    m, x, t, kw, ref = eval_unet()
     with torch.no_grad():
-        ref = m(x, t, **kw)
         # append 5 padded (masked) tokens holding garbage
-        pad = torch.randn(2, 5, cfg.context_dim) * 100
+        pad = torch.randn(2, 5, m.cfg.context_dim) * 100
         kw2 = dict(kw, ctx=torch.cat([kw["ctx"], pad], 1),
                    ctx_mask=torch.cat([kw["ctx_mask"], torch.zeros(2, 5, dtype=torch.bool)], 1))
         torch.testing.assert_close(m(x, t, **kw2), ref, atol=1e-5, rtol=0)
@@ -146,12 +155,8 @@ def test_padding_invariance_and_mask_semantics():
 
 
 def test_output_depends_on_ctx_pooled_and_t():
-    cfg = small_cfg()
-    torch.manual_seed(0)
-    m = perturb(UNet(cfg)).eval()
-    x, t, kw = inputs(cfg)
+    m, x, t, kw, ref = eval_unet()
     with torch.no_grad():
-        ref = m(x, t, **kw)
         assert (m(x, t, **dict(kw, ctx=kw["ctx"] + 1)) - ref).abs().max() > 1e-3
         assert (m(x, t, **dict(kw, pooled=kw["pooled"] + 1)) - ref).abs().max() > 1e-3
         assert (m(x, t + 1, **kw) - ref).abs().max() > 1e-4
@@ -213,12 +218,8 @@ def test_activation_checkpointing_identical(kind):
 
 @pytest.mark.equivalence
 def test_channels_last_same_output():
-    cfg = small_cfg()
-    torch.manual_seed(0)
-    m = perturb(UNet(cfg)).eval()
-    x, t, kw = inputs(cfg)
+    m, x, t, kw, ref = eval_unet()
     with torch.no_grad():
-        ref = m(x, t, **kw)
         m.to(memory_format=torch.channels_last)
         out = m(x.to(memory_format=torch.channels_last), t, **kw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
@@ -281,14 +282,11 @@ def test_state_dict_mapping_round_trip():
 def test_matches_diffusers_unet(kw):
     from diffusers import UNet2DConditionModel
     cfg = small_cfg(**kw)
-    torch.manual_seed(0)
-    ours = perturb(UNet(cfg)).eval()
+    ours, x, t, c, a = eval_unet(cfg)
     theirs = UNet2DConditionModel(**diffusers_config(cfg)).eval()
     missing, unexpected = theirs.load_state_dict(to_diffusers_state_dict(ours.state_dict()), strict=True)
     assert not missing and not unexpected
-    x, t, c = inputs(cfg)
     with torch.no_grad():
-        a = ours(x, t, **c)
         b = theirs(x, t, encoder_hidden_states=c["ctx"], encoder_attention_mask=c["ctx_mask"],
                    class_labels=c["pooled"]).sample
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -1,6 +1,7 @@
 """The console entry point every tool shares."""
 from __future__ import annotations
 
+import argparse
 from typing import Any, Callable, Optional
 
 
@@ -13,3 +14,16 @@ def entry_point(run: Callable[[Optional[list[str]]], Any]) -> Callable[[Optional
         return 0
     main.__doc__ = f"Console entry point: {run.__module__}.run, exit status 0."
     return main
+
+
+def classifier_guidance_group(p: argparse.ArgumentParser, title: str):
+    """The flags every sampling tool takes for classifier guidance (docs/classifier_guidance.md): the
+    classifier and the form of the guidance. Returns the group, for the tool's own flags (its scales,
+    its target)."""
+    g = p.add_argument_group(f"{title} (docs/classifier_guidance.md)")
+    g.add_argument("--classifier", default=None,
+                   help="noisy classifier p(y|x_t,t): a task=classifier run directory or its export")
+    g.add_argument("--classifier-form", choices=["eps", "mean"], default="eps",
+                   help="eps: eps - s sqrt(1-abar_t) grad log p(y|x_t) (any sampler); mean: the ancestral "
+                        "mean shift mu + s beta_tilde_t grad log p(y|mu) (--sampler ddpm --no-clip)")
+    return g

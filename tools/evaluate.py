@@ -21,7 +21,7 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep (see tools/demo.py)
 from typing import Callable, Optional
-from tools._cli import entry_point
+from tools._cli import classifier_guidance_group, entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,13 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- further guidance methods (e.g. --classifier DIR --classifier-scale G) -------------------------
 def add_method_args(p: argparse.ArgumentParser) -> None:
     """Flags of further methods go here."""
-    g = p.add_argument_group("classifier guidance curve (docs/classifier_guidance.md)")
-    g.add_argument("--classifier", default=None,
-                   help="noisy classifier (task=classifier run or export): adds a classifier-guidance curve")
+    g = classifier_guidance_group(p, "classifier guidance curve: --classifier adds one")
     g.add_argument("--classifier-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 10.0],
                    help="classifier scales of that curve")
-    g.add_argument("--classifier-form", choices=["eps", "mean"], default="eps",
-                   help="eps correction (any sampler) or the ancestral mean shift (--sampler ddpm, unclipped)")
     g.add_argument("--classifier-cfg", type=float, default=0.0,
                    help="classifier-free scale under the classifier curve (0: the null condition)")
 

@@ -22,7 +22,7 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle OpenMP threads sleep (see tools/demo.py)
 from typing import Callable, Optional
-from tools._cli import entry_point
+from tools._cli import classifier_guidance_group, entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,13 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- extra guidance (e.g. classifier guidance: --classifier DIR --classifier-scale G) -------------
 def add_guidance_args(p: argparse.ArgumentParser) -> None:
     """Flags of further guidance methods go here."""
-    g = p.add_argument_group("classifier guidance (docs/classifier_guidance.md)")
-    g.add_argument("--classifier", default=None,
-                   help="noisy classifier p(y|x_t,t): a task=classifier run directory or its export")
+    g = classifier_guidance_group(p, "classifier guidance")
     g.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale (default 1)")
-    g.add_argument("--classifier-form", choices=["eps", "mean"], default="eps",
-                   help="eps: eps - s sqrt(1-abar_t) grad log p(y|x_t) (any sampler); mean: the ancestral "
-                        "mean shift mu + s beta_tilde_t grad log p(y|mu) (--sampler ddpm --no-clip)")
     g.add_argument("--classifier-class", default=None,
                    help="target class (index or name) for every prompt; default: the class each prompt names")
 

@@ -17,6 +17,7 @@ count is None (the loader then asks for ``data.samples_per_epoch``).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -100,10 +101,8 @@ class _Lock:
 
     def touch(self) -> None:
         if self.held:
-            try:
+            with contextlib.suppress(OSError):
                 os.utime(self.path)
-            except OSError:
-                pass
 
     def fresh(self) -> bool:
         try:
@@ -113,10 +112,8 @@ class _Lock:
 
     def release(self) -> None:
         if self.held:
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(self.path)
-            except OSError:
-                pass
             self.held = False
 
 

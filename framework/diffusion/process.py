@@ -306,34 +306,36 @@ def v_from_eps(eps: torch.Tensor, x0: torch.Tensor, t: TimeLike, sched: Schedule
     return sched.gather(sched.sqrt_abar, t, x0) * eps - sched.gather(sched.sqrt_one_minus_abar, t, x0) * x0
 
 
-def eps_from_pred(pred: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Schedule,
-                  prediction: str = "eps") -> torch.Tensor:
-    """The eps implied by a model output of kind `prediction` (eps | v | x0) at x_t.
-    v: eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
+def _from_pred(pred: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Schedule, prediction: str,
+               want: str) -> torch.Tensor:
+    """The `want` (eps | x0) implied by a model output of kind `prediction` (eps | v | x0) at x_t."""
     check_schedule(sched)
     _check_prediction(prediction)
     _check_same_shape(pred=pred, x_t=x_t)
     t = check_t(sched, t, x_t)
-    if prediction == "eps":
+    if prediction == want:
         return pred
-    if prediction == "x0":
-        return eps_from_x0(pred, x_t, t, sched)
-    return sched.gather(sched.sqrt_one_minus_abar, t, x_t) * x_t + sched.gather(sched.sqrt_abar, t, x_t) * pred
+    if prediction != "v":                       # the other one of eps and x0
+        return (eps_from_x0 if want == "eps" else x0_from_eps)(pred, x_t, t, sched)
+    sqrt_abar = sched.gather(sched.sqrt_abar, t, x_t)
+    sqrt_one_minus_abar = sched.gather(sched.sqrt_one_minus_abar, t, x_t)
+    if want == "eps":
+        return sqrt_one_minus_abar * x_t + sqrt_abar * pred
+    return sqrt_abar * x_t - sqrt_one_minus_abar * pred
+
+
+def eps_from_pred(pred: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Schedule,
+                  prediction: str = "eps") -> torch.Tensor:
+    """The eps implied by a model output of kind `prediction` (eps | v | x0) at x_t.
+    v: eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
+    return _from_pred(pred, x_t, t, sched, prediction, "eps")
 
 
 def x0_from_pred(pred: torch.Tensor, x_t: torch.Tensor, t: TimeLike, sched: Schedule,
                  prediction: str = "eps") -> torch.Tensor:
     """The x_0 implied by a model output of kind `prediction` (eps | v | x0) at x_t.
     v: x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
-    check_schedule(sched)
-    _check_prediction(prediction)
-    _check_same_shape(pred=pred, x_t=x_t)
-    t = check_t(sched, t, x_t)
-    if prediction == "x0":
-        return pred
-    if prediction == "eps":
-        return x0_from_eps(pred, x_t, t, sched)
-    return sched.gather(sched.sqrt_abar, t, x_t) * x_t - sched.gather(sched.sqrt_one_minus_abar, t, x_t) * pred
+    return _from_pred(pred, x_t, t, sched, prediction, "x0")
 
 
 def score_from_eps(eps: torch.Tensor, t: TimeLike, sched: Schedule) -> torch.Tensor:

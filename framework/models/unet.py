@@ -471,58 +471,52 @@ def count_params(cfg: UNetConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 # diffusers key layout
 # ---------------------------------------------------------------------------------------------
-# (our regex, diffusers replacement), applied in order to each key; the inverse table below.
-_TO_DIFFUSERS = [
-    (r"^time_embed\.0\.", "time_embedding.linear_1."),
-    (r"^time_embed\.2\.", "time_embedding.linear_2."),
-    (r"^pooled_embed\.0\.", "class_embedding.linear_1."),
-    (r"^pooled_embed\.2\.", "class_embedding.linear_2."),
-    (r"^down\.(\d+)\.", r"down_blocks.\1."),
-    (r"^up\.(\d+)\.", r"up_blocks.\1."),
-    (r"^mid\.", "mid_block."),
-    (r"^norm_out\.", "conv_norm_out."),
-    (r"\.res\.(\d+)\.", r".resnets.\1."),
-    (r"\.attn\.(\d+)\.", r".attentions.\1."),
-    (r"^down_blocks\.(\d+)\.sample\.", r"down_blocks.\1.downsamplers.0."),
-    (r"^up_blocks\.(\d+)\.sample\.", r"up_blocks.\1.upsamplers.0."),
-    (r"\.time_proj\.", ".time_emb_proj."),
-    (r"\.skip\.", ".conv_shortcut."),
-    (r"\.blocks\.(\d+)\.", r".transformer_blocks.\1."),
-    (r"\.attn([12])\.q\.", r".attn\1.to_q."),
-    (r"\.attn([12])\.k\.", r".attn\1.to_k."),
-    (r"\.attn([12])\.v\.", r".attn\1.to_v."),
-    (r"\.attn([12])\.out\.", r".attn\1.to_out.0."),
-    (r"\.ff\.proj\.", ".ff.net.0.proj."),
-    (r"\.ff\.out\.", ".ff.net.2."),
-]
-_FROM_DIFFUSERS = [
-    (r"^time_embedding\.linear_1\.", "time_embed.0."),
-    (r"^time_embedding\.linear_2\.", "time_embed.2."),
-    (r"^class_embedding\.linear_1\.", "pooled_embed.0."),
-    (r"^class_embedding\.linear_2\.", "pooled_embed.2."),
-    (r"^down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.sample."),
-    (r"^up_blocks\.(\d+)\.upsamplers\.0\.", r"up.\1.sample."),
-    (r"^down_blocks\.(\d+)\.", r"down.\1."),
-    (r"^up_blocks\.(\d+)\.", r"up.\1."),
-    (r"^mid_block\.", "mid."),
-    (r"^conv_norm_out\.", "norm_out."),
-    (r"\.resnets\.(\d+)\.", r".res.\1."),
-    (r"\.attentions\.(\d+)\.", r".attn.\1."),
-    (r"\.time_emb_proj\.", ".time_proj."),
-    (r"\.conv_shortcut\.", ".skip."),
-    (r"\.transformer_blocks\.(\d+)\.", r".blocks.\1."),
-    (r"\.attn([12])\.to_q\.", r".attn\1.q."),
-    (r"\.attn([12])\.to_k\.", r".attn\1.k."),
-    (r"\.attn([12])\.to_v\.", r".attn\1.v."),
-    (r"\.attn([12])\.to_out\.0\.", r".attn\1.out."),
-    (r"\.ff\.net\.0\.proj\.", ".ff.proj."),
-    (r"\.ff\.net\.2\.", ".ff.out."),
+# One table, read both ways: (our key part, diffusers' key part). "^" anchors a pair at the start of
+# a key, "#" stands for an index. Either direction applies the pairs in this order and rewrites each
+# part once, so a level's sampler ("down.1.sample.") comes before the level itself ("down.1.").
+_DIFFUSERS_KEYS = [
+    ("^time_embed.0.", "time_embedding.linear_1."),
+    ("^time_embed.2.", "time_embedding.linear_2."),
+    ("^pooled_embed.0.", "class_embedding.linear_1."),
+    ("^pooled_embed.2.", "class_embedding.linear_2."),
+    ("^down.#.sample.", "down_blocks.#.downsamplers.0."),
+    ("^up.#.sample.", "up_blocks.#.upsamplers.0."),
+    ("^down.#.", "down_blocks.#."),
+    ("^up.#.", "up_blocks.#."),
+    ("^mid.", "mid_block."),
+    ("^norm_out.", "conv_norm_out."),
+    (".res.#.", ".resnets.#."),
+    (".attn.#.", ".attentions.#."),
+    (".time_proj.", ".time_emb_proj."),
+    (".skip.", ".conv_shortcut."),
+    (".blocks.#.", ".transformer_blocks.#."),
+    (".attn#.q.", ".attn#.to_q."),
+    (".attn#.k.", ".attn#.to_k."),
+    (".attn#.v.", ".attn#.to_v."),
+    (".attn#.out.", ".attn#.to_out.0."),
+    (".ff.proj.", ".ff.net.0.proj."),
+    (".ff.out.", ".ff.net.2."),
 ]
 
 
-def _rename(key: str, table) -> str:
-    for pat, rep in table:
-        key = re.sub(pat, rep, key)
+def _key_rules(src: int) -> list:
+    """_DIFFUSERS_KEYS as (regex, replacement) pairs that rewrite side ``src`` (0: ours, 1: diffusers')
+    into the other side."""
+    rules = []
+    for pair in _DIFFUSERS_KEYS:
+        anchor = "^" if pair[0].startswith("^") else ""
+        old, new = pair[src].lstrip("^"), pair[1 - src].lstrip("^")
+        pattern = anchor + re.escape(old).replace(re.escape("#"), r"(\d+)")
+        rules.append((re.compile(pattern), new.replace("#", r"\g<1>")))
+    return rules
+
+
+_TO_DIFFUSERS, _FROM_DIFFUSERS = _key_rules(0), _key_rules(1)
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, replacement in rules:
+        key = pattern.sub(replacement, key)
     return key
 
 
