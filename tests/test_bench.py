@@ -193,3 +193,23 @@ def test_cli_maxbatch_train_and_sample_on_cpu():
         assert r["mb_per_image"] > 0 and r["images_per_s_at_max"] > 0
     # the forward-only sampling step holds no gradients, optimizer state or saved activations
     assert mb["sample"]["max_batch"] > mb["train"]["max_batch"]
+
+
+@needs_diffusers
+def test_cli_vae_section_encode_and_on_the_fly_vs_latents():
+    """Section vae on the latent demo's preset: the VAE encode rate and the real Trainer step from
+    precomputed latents and with the VAE encoding on the fly, ours and diffusers' UNet; encoding adds
+    work, so a step from latents is not slower than the same step plus the encode (within timing
+    noise: the median of 3 steps each, interleaved)."""
+    recs = _run_cli(["--presets", "latent_small", "--sections", "vae", "--threads", "1", "--batch", "8",
+                     "--sample-batch", "8", "--warmup", "1", "--steps", "3", "--no-isolate"])
+    enc = [r for r in recs if r["bench"] == "vae_encode"]
+    assert len(enc) == 1 and enc[0]["image"] == [1, 32, 32] and enc[0]["latent"] == [4, 8, 8]
+    assert enc[0]["images_per_s"] > 0 and enc[0]["vae_params"] > 500_000
+    steps = {(r["model"], r["mode"]): r for r in recs if r["bench"] == "train_latent"}
+    assert set(steps) == {(m, k) for m in ("ours", "diffusers") for k in ("latents", "on_the_fly")}
+    assert steps[("ours", "on_the_fly")]["input"] == [1, 32, 32] and steps[("ours", "latents")]["input"] == [4, 8, 8]
+    ratios = {r["model"]: r["precomputed_over_on_the_fly"] for r in recs if r["bench"] == "train_latent_ratio"}
+    assert set(ratios) == {"ours", "diffusers"} and all(v > 0 for v in ratios.values())
+    skipped = _run_cli(["--presets", "tiny", "--sections", "vae", "--no-diffusers", "--no-isolate"])
+    assert any(r["bench"] == "skipped" and r["what"] == "vae" for r in skipped)

@@ -72,17 +72,30 @@ PRESETS = {
     "tiny": dict(hw=32, ctx_len=77),       # 32x32 RGB pixels
     "base64": dict(hw=64, ctx_len=77),     # 64x64 RGB pixels (the pixel-space base model)
     "sd2": dict(hw=32, ctx_len=77),        # 32x32x4 latents, 77x1024 OpenCLIP tokens
+    "latent_small": dict(hw=8, ctx_len=16),  # the latent demo: 8x8x4 latents, 16x384 MiniLM tokens
 }
+# The first stage of a latent preset (section "vae"): a diffusers AutoencoderKL of these sizes with
+# random weights (speed depends on the shapes only). "sd": SD 1/2's VAE (83.7M, factor 8: 32x32x4
+# latents are 256 px images); "demo": configs/vae/demo.yaml (0.68M, factor 4: 8x8x4 are 32 px).
+VAE_ARCH = {
+    "sd": dict(in_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+               latent_channels=4),
+    "demo": dict(in_channels=1, block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+                 latent_channels=4),
+}
+VAE_OF_PRESET = {"sd2": "sd", "latent_small": "demo"}
 
 # Defaults per device kind; --batch / --steps / ... override. CPU numbers keep a run in minutes.
 DEFAULTS = {
-    "cpu": dict(presets=["tiny"], batch={"tiny": 32, "base64": 2, "sd2": 1},
-                warmup={"tiny": 2, "base64": 1, "sd2": 1}, steps={"tiny": 10, "base64": 2, "sd2": 2},
-                sample_batch={"tiny": 8, "base64": 1, "sd2": 1}, sample_steps=10, sample_repeats=3,
+    "cpu": dict(presets=["tiny"], batch={"tiny": 32, "base64": 2, "sd2": 1, "latent_small": 64},
+                warmup={"tiny": 2, "base64": 1, "sd2": 1, "latent_small": 2},
+                steps={"tiny": 10, "base64": 2, "sd2": 2, "latent_small": 10},
+                sample_batch={"tiny": 8, "base64": 1, "sd2": 1, "latent_small": 16}, sample_steps=10, sample_repeats=3,
                 peak_n=2048, variants=["base", "channels_last"]),     # compile: minutes per model on CPU
-    "cuda": dict(presets=["sd2", "base64", "tiny"], batch={"tiny": 256, "base64": 64, "sd2": 64},
-                 warmup={"tiny": 3, "base64": 3, "sd2": 3}, steps={"tiny": 10, "base64": 10, "sd2": 10},
-                 sample_batch={"tiny": 32, "base64": 32, "sd2": 32}, sample_steps=50, sample_repeats=2,
+    "cuda": dict(presets=["sd2", "base64", "tiny"], batch={"tiny": 256, "base64": 64, "sd2": 64, "latent_small": 512},
+                 warmup={"tiny": 3, "base64": 3, "sd2": 3, "latent_small": 3},
+                 steps={"tiny": 10, "base64": 10, "sd2": 10, "latent_small": 10},
+                 sample_batch={"tiny": 32, "base64": 32, "sd2": 32, "latent_small": 64}, sample_steps=50, sample_repeats=2,
                  peak_n=8192, variants=["base", "channels_last", "compile"]),
 }
 QUICK = dict(batch=4, warmup=1, sample_batch=2, sample_steps=2, sample_repeats=1, peak_n=256)
@@ -685,6 +698,65 @@ def run_train(spec: dict) -> list[dict]:
     return recs + _paired_summaries(spec, times, B)
 
 
+def run_vae(spec: dict) -> list[dict]:
+    """The first stage of a latent preset (VAE_OF_PRESET): the VAE's encode rate (images/s, what
+    tools.precompute_latents can reach per device) and the training step from precomputed latents vs
+    encoding on the fly (``vae.path`` without ``data.latents``: the frozen VAE on the trainer), for
+    each model of spec['runners'], timed interleaved. spec = {preset, runners, batch, encode_batch,
+    warmup, steps, device}."""
+    import tempfile
+
+    import torch
+
+    from framework.models.vae import FrozenVAE, make_tiny_vae
+    kind, preset = spec["device"], spec["preset"]
+    if preset not in VAE_OF_PRESET:
+        raise ValueError(f"section vae: preset {preset!r} is not a latent preset ({sorted(VAE_OF_PRESET)})")
+    arch = dict(VAE_ARCH[VAE_OF_PRESET[preset]])
+    factor = 2 ** (len(arch["block_out_channels"]) - 1)
+    B, EB = int(spec["batch"]), int(spec.get("encode_batch") or spec["batch"])
+    device = _device(kind)
+    (c, h, w), (L, Dc) = input_shapes(preset)
+    C, H, W = arch["in_channels"], h * factor, w * factor
+    vae_dir = make_tiny_vae(tempfile.mkdtemp(prefix="bench-vae-"), **arch)
+    vae = FrozenVAE(vae_dir, device=device)
+    n_vae = sum(p.numel() for p in vae.model.parameters())
+    g = torch.Generator(device=device).manual_seed(1)
+    images = torch.rand(max(B, EB), C, H, W, generator=g, device=device) * 2 - 1
+    fns: dict[str, Callable] = {"encode": lambda: vae.encode(images[:EB])}
+    recs_meta = {}
+    for which, variant in _runners(spec):
+        for mode in ("latents", "on_the_fly"):
+            cfg = _bench_config(preset, B, frozenset(), kind)
+            if mode == "on_the_fly":
+                cfg.vae.path = vae_dir
+                cfg.data.channels, cfg.data.image_size = C, H
+            ds_config, dtype, precision = _engine_setup(cfg, kind, "deepspeed")
+            r = TrainStep(preset, which, parse_variant(variant), device, "deepspeed", cfg, ds_config)
+            x = images[:B] if mode == "on_the_fly" else torch.randn(B, c, h, w, generator=g, device=device)
+            ctx = torch.randn(B, L, Dc, generator=g, device=device).to(dtype)
+            key = f"{which}/{mode}"
+            fns[key] = (lambda r=r, x=x, ctx=ctx: r.step(x, ctx))
+            recs_meta[key] = dict(model=which, mode=mode, params=r.params, precision=precision, losses=r.losses)
+    _interleaved(fns, spec["warmup"], device)
+    times = _interleaved(fns, spec["steps"], device)
+    enc = _median(times["encode"])
+    out = [{"bench": "vae_encode", "preset": preset, "vae": VAE_OF_PRESET[preset], "vae_params": n_vae,
+            "image": [C, H, W], "latent": [c, h, w], "batch": EB, "dtype": str(vae.dtype).replace("torch.", ""),
+            "step_s_median": _r(enc), "images_per_s": _r(EB / enc)}]
+    for key, m in recs_meta.items():
+        med = _median(times[key])
+        out.append({"bench": "train_latent", "preset": preset, "model": m["model"], "mode": m["mode"],
+                    "vae": VAE_OF_PRESET[preset], "batch": B, "input": [C, H, W] if m["mode"] == "on_the_fly" else [c, h, w],
+                    "params": m["params"], "precision": m["precision"], "steps": spec["steps"],
+                    "step_s_median": _r(med), "images_per_s": _r(B / med)})
+    for which in {m["model"] for m in recs_meta.values()}:
+        a, b = _median(times[f"{which}/latents"]), _median(times[f"{which}/on_the_fly"])
+        out.append({"bench": "train_latent_ratio", "preset": preset, "model": which,
+                    "precomputed_over_on_the_fly": _r(b / a)})
+    return out
+
+
 def sampling_net(preset: str, which: str, parts: frozenset, device, dtype) -> Callable:
     """``model(x, t, cond_kwargs) -> eps`` (fp32) of an eval UNet in ``dtype``, as
     ``framework.export.Pipeline`` builds it: channels_last weights and input, torch.compile by
@@ -946,7 +1018,7 @@ def _run_worker(spec: dict) -> list[dict]:
     if spec.get("threads"):
         import torch
         torch.set_num_threads(int(spec["threads"]))
-    fn = {"train": run_train, "sample": run_sample, "maxbatch": run_maxbatch}[spec["bench"]]
+    fn = {"train": run_train, "sample": run_sample, "maxbatch": run_maxbatch, "vae": run_vae}[spec["bench"]]
     return fn(spec)
 
 
@@ -1010,7 +1082,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "CUDA: sd2,base64,tiny)")
     p.add_argument("--preset", action="append", default=None, help="one preset (repeatable; as --presets)")
     p.add_argument("--sections", default="peak,flops,train,sample,data",
-                   help="comma list of peak,flops,train,sample,data,maxbatch (maxbatch: on request)")
+                   help="comma list of peak,flops,train,sample,data,maxbatch,vae (maxbatch, vae: on request; vae: "
+                        "latent presets, e.g. --presets latent_small or sd2)")
     p.add_argument("--variants", default=None, help="comma list; parts base/channels_last/compile/ckpt "
                    "joined by '+' (default base,channels_last,compile; --quick: base)")
     p.add_argument("--diffusers-variants", default="same",
@@ -1085,7 +1158,7 @@ def run(argv: Optional[list[str]] = None) -> list[dict]:
     for p in presets:
         unet_config(p)                              # a typo fails now, not after minutes
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    bad = sections - {"peak", "flops", "train", "sample", "data", "maxbatch"}
+    bad = sections - {"peak", "flops", "train", "sample", "data", "maxbatch", "vae"}
     if bad:
         raise SystemExit(f"unknown section(s) {sorted(bad)}")
     q = args.quick
@@ -1233,6 +1306,21 @@ def run(argv: Optional[list[str]] = None) -> list[dict]:
                         recs[(rec["model"], rec["variant"])] = rec
                     emit(rec)
             summarize(bench, p, recs)
+
+    # ---- the first stage: VAE encode rate, training from latents vs encoding on the fly -------------
+    if "vae" in sections:
+        for p in presets:
+            if p not in VAE_OF_PRESET:
+                emit({"bench": "skipped", "what": "vae", "preset": p, "reason": "not a latent preset"})
+                continue
+            info = {"what": "vae", "preset": p}
+            if over_budget(info):
+                continue
+            runners = [["ours", "base"]] + ([["diffusers", "base"]] if with_diff else [])
+            spec = {"bench": "vae", "device": kind, "preset": p, "runners": runners, "batch": batch[p],
+                    "encode_batch": sbatch[p], "warmup": warmup[p], "steps": steps[p], "threads": args.threads}
+            for rec in _measure(spec, isolate, args.timeout):
+                emit(rec)
 
     # ---- largest micro batch: one process per (what, model, variant) ------------------------------
     if "maxbatch" in sections:

@@ -324,8 +324,10 @@ def decode_latents(vae: Optional[FrozenVAE], x0: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def make_tiny_vae(directory: str, in_channels: int = 1, latent_channels: int = 4,
                   block_out_channels: Sequence[int] = (8, 16), scaling_factor: float = 0.18215,
-                  shift_factor: Optional[float] = None, seed: int = 0, **kw: Any) -> str:
-    """A randomly initialised diffusers AutoencoderKL saved with ``save_pretrained`` (safetensors)."""
+                  shift_factor: Optional[float] = None, seed: int = 0, layers_per_block: int = 1,
+                  norm_num_groups: Optional[int] = None, **kw: Any) -> str:
+    """A randomly initialised diffusers AutoencoderKL saved with ``save_pretrained`` (safetensors)
+    (tests; and, with SD's sizes, the bench's stand-in for SD's VAE: same shapes, random weights)."""
     from diffusers import AutoencoderKL
 
     n = len(block_out_channels)
@@ -333,7 +335,8 @@ def make_tiny_vae(directory: str, in_channels: int = 1, latent_channels: int = 4
     model = AutoencoderKL(in_channels=in_channels, out_channels=in_channels,
                           down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                           block_out_channels=tuple(block_out_channels), latent_channels=latent_channels,
-                          norm_num_groups=min(block_out_channels) // 2 or 1, layers_per_block=1,
+                          norm_num_groups=norm_num_groups or (min(block_out_channels) // 2 or 1),
+                          layers_per_block=layers_per_block,
                           sample_size=32, scaling_factor=scaling_factor, shift_factor=shift_factor, **kw)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
