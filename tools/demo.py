@@ -44,16 +44,31 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Per dataset: shard folders, configs (relative to configs/), run folder; OpenMoji has no test split
+# and no evaluation classifier: its autoencoder PSNR is measured on training glyphs and its result is
+# a decoded grid of these prompts.
+DATASETS = {
+    "fashion": dict(data="data/fmnist-train", test_data="data/fmnist-test", vae_config="vae/demo.yaml",
+                    config="latent_demo.yaml", run_dir="runs/latent-demo"),
+    "openmoji": dict(data="data/openmoji-32", test_data=None, vae_config="vae/openmoji.yaml",
+                     config="latent_openmoji.yaml", run_dir="runs/latent-openmoji"),
+}
+OPENMOJI_PROMPTS = ["red apple", "green apple", "grinning face", "smiling face with heart-eyes", "dog face",
+                    "cat face", "sun", "fire", "red heart", "blue heart", "rocket", "automobile", "tangerine",
+                    "evergreen tree", "snowman", "flag: Japan"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--latent", action="store_true", help="the latent-diffusion demo (docs/latent_demo.md)")
+    p.add_argument("--latent", action="store_true", help="the latent-diffusion demo (docs/latent.md)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="fashion",
+                   help="--latent: Fashion-MNIST (evaluated) or OpenMoji (RGB, a decoded grid)")
     p.add_argument("--run-dir", default=None, help="default runs/demo (runs/latent-demo with --latent)")
-    p.add_argument("--data", default="data/fmnist-train", help="shard folder (built if missing)")
+    p.add_argument("--data", default=None, help="shard folder (built if missing; default per dataset)")
     p.add_argument("--config", default=None, help="default configs/demo.yaml (configs/latent_demo.yaml)")
-    p.add_argument("--vae-config", default=os.path.join(ROOT, "configs", "vae", "demo.yaml"),
-                   help="--latent: the autoencoder's training config")
-    p.add_argument("--test-data", default="data/fmnist-test", help="--latent: held-out shards (built if missing)")
+    p.add_argument("--vae-config", default=None, help="--latent: the autoencoder's training config")
+    p.add_argument("--test-data", default=None, help="--latent: held-out shards (built if missing)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (DeepSpeed ranks)")
     p.add_argument("--resume", action="store_true", help="continue RUN's newest checkpoint instead of starting fresh")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.0, 1.0, 3.0, 5.0])
@@ -87,6 +102,22 @@ def build_shards(out: str, split: str = "train") -> dict:
     m = write_shards(src, out, prefix=f"fmnist-{split}" if split != "train" else "fmnist", max_count=1000,
                      image_format="png")
     print(f"wrote {m['total']} samples in {len(m['shards'])} shards to {out}")
+    return m
+
+
+def build_openmoji(out: str, size: int = 32) -> dict:
+    """OpenMoji glyphs at ``size`` px (RGB on white, CLDR names as captions); reused when complete."""
+    from framework.data.shardformat import read_manifest
+    from framework.data.shards import write_shards
+    from framework.data.sources import openmoji_source
+    manifest = os.path.join(out, "shards.json")
+    if os.path.isfile(manifest):
+        m = read_manifest(manifest)
+        if m.get("total") and all(os.path.isfile(os.path.join(out, s["url"])) for s in m["shards"]):
+            print(f"reusing {out} ({m['total']} samples in {len(m['shards'])} shards)")
+            return m
+    m = write_shards(openmoji_source(size), out, prefix="openmoji", max_count=500, image_format="png")
+    print(f"wrote {m['total']} OpenMoji glyphs in {len(m['shards'])} shards to {out}")
     return m
 
 
@@ -165,8 +196,9 @@ def train(nproc: int, config: str, run_dir: str, overrides: list[str], resume: b
     return next((r for r in reversed(rows) if "loss" in r), rows[-1] if rows else {})
 
 
-def export_sample_evaluate(args, phase: Phases) -> dict:
-    """Phases 3-5 of both demos: export the newest checkpoint (EMA), a class grid, the evaluation."""
+def export_sample_evaluate(args, phase: Phases, prompts: Optional[list[str]] = None) -> dict:
+    """Phases 3-5 of the demos: export the newest checkpoint (EMA), a class grid, the evaluation
+    (Fashion-MNIST); with ``prompts`` a grid of them and no evaluation."""
     from framework.export import export
     export_dir = os.path.join(args.run_dir, "export")
     with phase("export"):
@@ -179,10 +211,15 @@ def export_sample_evaluate(args, phase: Phases) -> dict:
     sample_dir = os.path.join(args.run_dir, "samples")
     with phase("sample"):
         argv_s = [export_dir, "--out", sample_dir, "--steps", str(args.eval_steps), "--num-per-prompt", "4",
-                  "--guidance", *[f"{g:g}" for g in args.grid_scales], "--labels", *FASHION_CLASSES]
-        for noun in FASHION_NOUNS:
-            argv_s += ["--prompt", a_an(f"a photo of a {noun}")]
+                  "--guidance", *[f"{g:g}" for g in args.grid_scales]]
+        if prompts is None:
+            argv_s += ["--labels", *FASHION_CLASSES]
+            prompts = [a_an(f"a photo of a {noun}") for noun in FASHION_NOUNS]
+        for prompt in prompts:
+            argv_s += ["--prompt", prompt]
         samples = tool_sample.run(argv_s)
+    if args.latent and args.dataset != "fashion":
+        return {"export": export_dir, "samples": samples}
 
     eval_dir = os.path.join(args.run_dir, "eval")
     with phase("evaluate"):
@@ -197,20 +234,21 @@ def export_sample_evaluate(args, phase: Phases) -> dict:
 
 def summarize(args, phase: Phases, threads: int, load0: float, last: dict, res: dict, extra: dict) -> dict:
     phase.total()
-    ev, points = res["eval"], res["points"]
+    ev, points = res.get("eval"), res.get("points", {})
     summary = {
         "times_s": phase.times, "cpu_s": phase.cpu,
         "machine": {"cores": os.cpu_count(), "threads": threads, "load_at_start": round(load0, 2)},
         "train": {"step": last.get("step"), "images_seen": last.get("images_seen"), "final_loss": last.get("loss"),
                   "nproc": args.nproc, "config": os.path.abspath(args.config), "overrides": args.overrides},
         **extra,
-        "classifier": {k: ev["classifier"][k] for k in ("accuracy", "n_train", "n_test", "epochs", "cached")},
-        "sweep": {g: {k: p[k] for k in ("accuracy", "fd", "fd_floor", "diversity", "diversity_real")}
-                  for g, p in points.items()},
-        "files": {"grid": res["samples"]["grid"], "sweep_plot": ev["plot"],
-                  "eval_json": os.path.abspath(os.path.join(res["eval_dir"], "eval.json")),
-                  "eval_grids": ev["methods"][0]["grids"], "export": os.path.abspath(res["export"])},
+        "files": {"grid": res["samples"]["grid"], "export": os.path.abspath(res["export"])},
     }
+    if ev is not None:
+        summary["classifier"] = {k: ev["classifier"][k] for k in ("accuracy", "n_train", "n_test", "epochs", "cached")}
+        summary["sweep"] = {g: {k: p[k] for k in ("accuracy", "fd", "fd_floor", "diversity", "diversity_real")}
+                            for g, p in points.items()}
+        summary["files"].update(sweep_plot=ev["plot"], eval_grids=ev["methods"][0]["grids"],
+                                eval_json=os.path.abspath(os.path.join(res["eval_dir"], "eval.json")))
     with open(os.path.join(args.run_dir, "demo.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
@@ -219,17 +257,20 @@ def summarize(args, phase: Phases, threads: int, load0: float, last: dict, res: 
     print("CPU seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in phase.cpu.items()))
     if "vae" in extra:
         v = extra["vae"]
-        print(f"autoencoder: held-out PSNR {v['psnr']:.2f} dB, latents {v['latent_shape']}, "
+        print(f"autoencoder: PSNR {v['psnr']:.2f} dB ({v['held_out']}), latents {v['latent_shape']}, "
               f"scaling factor {v['scaling_factor']:.4f}")
-    print(f"evaluation classifier: held-out accuracy {ev['classifier']['accuracy']:.3f}")
-    for g, p in points.items():
-        print(f"  gamma={g:>3}: guided accuracy {p['accuracy']:.3f}   FD {p['fd']:7.2f} (floor {p['fd_floor']:.2f})"
-              f"   diversity {p['diversity']:.2f} (real {p['diversity_real']:.2f})")
-    print(f"class grid (rows: guidance {', '.join(f'{g:g}' for g in args.grid_scales)}): {res['samples']['grid']}")
-    print(f"sweep plot: {ev['plot']}")
-    print(f"evaluation: {summary['files']['eval_json']} (grids per gamma next to it)")
+    if ev is not None:
+        print(f"evaluation classifier: held-out accuracy {ev['classifier']['accuracy']:.3f}")
+        for g, p in points.items():
+            print(f"  gamma={g:>3}: guided accuracy {p['accuracy']:.3f}   FD {p['fd']:7.2f} (floor {p['fd_floor']:.2f})"
+                  f"   diversity {p['diversity']:.2f} (real {p['diversity_real']:.2f})")
+    print(f"grid (rows: guidance {', '.join(f'{g:g}' for g in args.grid_scales)}): {res['samples']['grid']}")
+    if ev is not None:
+        print(f"sweep plot: {ev['plot']}")
+        print(f"evaluation: {summary['files']['eval_json']} (grids per gamma next to it)")
     print(f"summary:    {os.path.abspath(os.path.join(args.run_dir, 'demo.json'))}")
-    print(f"try:        .venv/bin/python -m tools.sample {res['export']} --prompt 'a photo of a dress' --guidance 0 3 -n 4")
+    example = "a photo of a dress" if ev is not None else OPENMOJI_PROMPTS[0]
+    print(f"try:        .venv/bin/python -m tools.sample {res['export']} --prompt '{example}' --guidance 0 3 -n 4")
     return summary
 
 
@@ -254,9 +295,15 @@ def run_latent(args, phase: Phases, threads: int, load0: float) -> dict:
 
     vae_run, vae_dir = os.path.join(args.run_dir, "vae-run"), os.path.join(args.run_dir, "vae")
     lat_dir = os.path.join(args.run_dir, "latents")
+    fashion = args.dataset == "fashion"
     with phase("shards"):
-        build_shards(args.data, "train")
-        build_shards(args.test_data, "test")
+        if fashion:
+            build_shards(args.data, "train")
+            build_shards(args.test_data, "test")
+        else:
+            build_openmoji(args.data)
+    held_out = args.test_data if fashion else args.data
+    held_out_label = "1000 held-out test images" if fashion else "1000 training glyphs (no test split)"
     if args.resume and os.path.isfile(os.path.join(lat_dir, "shards.json")):
         print(f"--resume: reusing {vae_dir} and {lat_dir}")
         vae_info = json.load(open(os.path.join(args.run_dir, "vae.json")))
@@ -267,14 +314,14 @@ def run_latent(args, phase: Phases, threads: int, load0: float) -> dict:
             vlast = train(args.nproc, args.vae_config, vae_run, [f"data.urls=['{os.path.abspath(args.data)}']"],
                           False)
         with phase("vae export"):
-            s = export_autoencoder(vae_run, vae_dir, data_urls=[os.path.abspath(args.test_data)],
+            s = export_autoencoder(vae_run, vae_dir, data_urls=[os.path.abspath(held_out)],
                                    max_samples=1000, overwrite=True)
             ev = s["evaluation"]
             vae_info = {"psnr": ev["psnr"], "psnr_mean": ev.get("psnr_mean"), "latent_std": ev["latent_std"],
                         "scaling_factor": s["scaling_factor"], "train_steps": vlast.get("step"),
                         "train_images": vlast.get("images_seen"), "params": s.get("params"),
-                        "config": os.path.abspath(args.vae_config), "held_out": "1000 test images"}
-            print(f"held-out PSNR {ev['psnr']:.2f} dB (1000 test images), latent std "
+                        "config": os.path.abspath(args.vae_config), "held_out": held_out_label}
+            print(f"PSNR {ev['psnr']:.2f} dB ({held_out_label}), latent std "
                   f"{[round(x, 3) for x in ev['latent_std']]} -> scaling factor {s['scaling_factor']:.4f}")
         cfg = load_config(args.config, list(args.overrides))
         with phase("latents"):      # posterior mean/std and the caption embeddings, one pass
@@ -292,16 +339,20 @@ def run_latent(args, phase: Phases, threads: int, load0: float) -> dict:
                      [f"data.urls=['{os.path.abspath(lat_dir)}']", f"vae.path={os.path.abspath(vae_dir)}"]
                      + list(args.overrides), args.resume and os.path.isdir(os.path.join(args.run_dir, "checkpoints")),
                      clean=False)    # RUN holds the autoencoder and the latents too
-    res = export_sample_evaluate(args, phase)
+    res = export_sample_evaluate(args, phase, None if fashion else OPENMOJI_PROMPTS)
     return summarize(args, phase, threads, load0, last, res, {"vae": vae_info})
 
 
 def run(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.run_dir is None:
-        args.run_dir = "runs/latent-demo" if args.latent else "runs/demo"
-    if args.config is None:
-        args.config = os.path.join(ROOT, "configs", "latent_demo.yaml" if args.latent else "demo.yaml")
+    d = DATASETS[args.dataset] if args.latent else dict(data="data/fmnist-train", run_dir="runs/demo",
+                                                        config="demo.yaml")
+    for key in ("data", "test_data", "run_dir"):
+        if getattr(args, key, None) is None:
+            setattr(args, key, d.get(key))
+    for key in ("config", "vae_config"):
+        if getattr(args, key, None) is None and d.get(key):
+            setattr(args, key, os.path.join(ROOT, "configs", d[key]))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if shutil.which("nvidia-smi") is None else "cuda")

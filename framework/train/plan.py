@@ -168,9 +168,10 @@ class Workload:
             raise ValueError(f"no UNet preset or config {preset!r}: presets are {', '.join(names)}")
         cfg = load_config(path)
         if os.path.dirname(os.path.abspath(path)) == PRESET_DIR:
-            kw.setdefault("context_len", 77)       # a size preset: the bench's 77 tokens
+            # a size preset: the bench's inputs (tools/bench.py PRESETS)
+            kw.setdefault("context_len", {"latent_small": 16}.get(preset, 77))
             if "latent" not in kw and "resolution" not in kw:
-                hw = {"base64": 64}.get(preset, 32)   # the bench's inputs (tools/bench.py PRESETS)
+                hw = {"base64": 64, "latent_small": 8}.get(preset, 32)
                 kw["latent"] = (cfg.unet.in_channels, hw, hw)
         return cls.from_config(cfg, name=os.path.splitext(os.path.basename(path))[0], **kw)
 
