@@ -196,6 +196,7 @@ def test_cli_maxbatch_train_and_sample_on_cpu():
 
 
 @needs_diffusers
+@pytest.mark.slow
 def test_cli_vae_section_encode_and_on_the_fly_vs_latents():
     """Section vae on the latent demo's preset: the VAE encode rate and the real Trainer step from
     precomputed latents and with the VAE encoding on the fly, ours and diffusers' UNet; encoding adds

@@ -205,8 +205,12 @@ def _diffusers_module():
             self.unet = unet
 
         def forward(self, x, t, ctx=None, ctx_mask=None, pooled=None):
+            emb = getattr(self.unet, "class_embedding", None)
+            if emb is not None and pooled is None:   # a pooled-text preset fed without pooled text:
+                # ours skips the pooled MLP, diffusers' needs class_labels: zeros (the same work)
+                pooled = x.new_zeros((x.shape[0], emb.linear_1.in_features))
             return self.unet(x, t, encoder_hidden_states=ctx, encoder_attention_mask=ctx_mask,
-                             return_dict=False)[0]
+                             class_labels=pooled, return_dict=False)[0]
 
     return DiffusersUNet
 

@@ -6,8 +6,8 @@
 #   PATH=$PWD/.venv/bin:$PATH bash ../shared/gpu/wheels.sh diffusers importlib_metadata
 # There, from the repository root, with .whl carried:
 #   bash tools/bench_gpu.sh [PHASE ...]
-# PHASE: smoke | train | sample | maxbatch | compile | rest | data | all
-#        (default: all = smoke train sample maxbatch compile rest data, most telling first).
+# PHASE: smoke | train | sample | maxbatch | compile | vae | rest | data | all
+#        (default: all = smoke train sample maxbatch compile vae rest data, most telling first).
 #   smoke    tiny preset, --quick: catches a broken environment in ~1 minute
 #   train    SD2 (32x32x4 latents, 77x1024 context): peak, FLOPs, training step, variants
 #            base, channels_last; ours vs diffusers (same DeepSpeed ZeRO-2 bf16 engine), batch 64
@@ -16,6 +16,8 @@
 #            ours and diffusers (4-7 probes each, 3% resolution)
 #   compile  SD2 train with channels_last+compile, sample with channels_last+compile and
 #            channels_last+cudagraphs (torch.compile mode reduce-overhead), ours vs diffusers
+#   vae      SD2 with SD's VAE shapes (random weights): encode images/s at 256 px, training step from
+#            precomputed latents vs encoding on the fly, ours vs diffusers
 #   rest     base64 and tiny presets, train + sample, variants base, channels_last
 #   data     tools.bench_data through tools.bench (JPEG shards vs bare decode)
 # Knobs (environment): BENCH_DEVICE (cuda), BENCH_BUDGET (540), BENCH_MAIN (sd2), BENCH_REST
@@ -43,7 +45,7 @@ REST_VARIANTS=${BENCH_REST_VARIANTS:-base,channels_last}
 read -r -a EXTRA <<< "${BENCH_ARGS:-}"
 PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(all)
-[ "${PHASES[0]}" = all ] && PHASES=(smoke train sample maxbatch compile rest data)
+[ "${PHASES[0]}" = all ] && PHASES=(smoke train sample maxbatch compile vae rest data)
 
 # carried wheels (deepspeed, webdataset, diffusers, ...) into /tmp/site
 if [ -z "${BENCH_NO_WHEELS:-}" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -86,9 +88,10 @@ for phase in "${PHASES[@]}"; do
     compile)
       bench compile-train --presets "$MAIN" --sections train --variants "$COMPILE_TRAIN"
       bench compile-sample --presets "$MAIN" --sections sample --variants "$COMPILE_SAMPLE" ;;
+    vae)    bench vae --presets "$MAIN" --sections vae ;;
     rest)   [ -n "$REST" ] && bench rest --presets "$REST" --sections flops,train,sample --variants "$REST_VARIANTS" ;;
     data)   bench data --sections data ;;
-    *) echo "unknown phase $phase (smoke|train|sample|maxbatch|compile|rest|data|all)" >&2; exit 2 ;;
+    *) echo "unknown phase $phase (smoke|train|sample|maxbatch|compile|vae|rest|data|all)" >&2; exit 2 ;;
   esac
 done
 echo "done in $((SECONDS - START)) s; results: $OUT/bench.jsonl" >&2
