@@ -1,4 +1,4 @@
-"""`make demo`: Fashion-MNIST end to end on a CPU machine, in about 10 minutes on 2 cores.
+"""`make demo`: Fashion-MNIST end to end on a CPU machine, in about 12 minutes on 2 cores.
 
     python -m tools.demo                       # fresh run in runs/demo
     python -m tools.demo --resume              # continue an interrupted run (checkpoint.resume=auto)
@@ -16,8 +16,9 @@ Phases (each timed; the times and results land in RUN/demo.json):
 See docs/demo.md.
 
     python -m tools.demo --latent              # latent diffusion end to end in runs/latent-demo (make demo-latent)
+    python -m tools.demo --latent --dataset openmoji      # the same in colour on OpenMoji (a decoded grid)
 
-The latent demo (docs/latent_demo.md): shards as above (+ the test split, held out) -> a small KL
+The latent demo (docs/latent.md, ~16 minutes on 2 cores): shards as above (+ the test split, held out) -> a small KL
 autoencoder trained with task=autoencoder (diffusers AutoencoderKL, configs/vae/demo.yaml) -> its export
 (held-out PSNR, scaling factor = 1/latent std) -> tools.precompute_latents (posterior mean/std fp16
 per image) and the caption embeddings (frozen MiniLM) -> the latent UNet (configs/latent_demo.yaml)
