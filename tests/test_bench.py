@@ -174,6 +174,8 @@ def test_find_max_batch_nothing_fits():
     assert r["max_batch"] == 0 and r["first_fail"] == 1 and [p["batch"] for p in r["probes"]] == [8, 4, 2, 1]
 
 
+@pytest.mark.slow
+@pytest.mark.long      # ~50 s of real probes: make test-long (CI runs it), keeping make test under 15 min
 def test_cli_maxbatch_train_and_sample_on_cpu():
     """The real probes (DeepSpeed ZeRO-2 training step with EMA; one CFG sampling step) under an RSS
     limit: every probe's verdict agrees with its measured peak, the answer is bracketed."""
@@ -197,6 +199,7 @@ def test_cli_maxbatch_train_and_sample_on_cpu():
 
 @needs_diffusers
 @pytest.mark.slow
+@pytest.mark.long      # four real Trainers: make test-long
 def test_cli_vae_section_encode_and_on_the_fly_vs_latents():
     """Section vae on the latent demo's preset: the VAE encode rate and the real Trainer step from
     precomputed latents and with the VAE encoding on the fly, ours and diffusers' UNet; encoding adds
