@@ -329,7 +329,8 @@ def run_latent(args, phase: Phases, threads: int, load0: float) -> dict:
             vae = FrozenVAE(vae_dir, device="cpu")
             enc = TextEncoder(cfg.text, device="cpu")
             m = precompute_latents(os.path.abspath(args.data), lat_dir, vae, cfg.data, batch_size=250, wait_s=60,
-                                   text_encoder=enc, text_info=text_encoder_info(cfg.text))
+                                   text_encoder=enc, text_info=text_encoder_info(cfg.text),
+                                   log=lambda line: print(line, flush=True))     # a line per shard
             lat = m["latents"]
             vae_info["latent_shape"] = lat["shape"]
             print(f"{m['total']} latents {lat['shape']} + caption embeddings in {len(m['shards'])} shards")

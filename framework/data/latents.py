@@ -52,7 +52,8 @@ from framework.config import DataConfig
 from framework.data.buckets import bucket_name, buckets_from_config
 from framework.data.loader import decode_sample, expand_spec, iter_shard_samples
 from framework.data.precompute import EMBEDDING_MEMBERS, CaptionEmbedder, write_null_condition
-from framework.data.shardformat import LATENT_BUCKET, latent_bucket_bytes, manifest_caption_lines, sample_captions
+from framework.data.shardformat import (LATENT_BUCKET, join_url, latent_bucket_bytes, manifest_caption_lines,
+                                        sample_captions)
 from framework.models.vae import LATENT_MEAN, LATENT_STD, FrozenVAE
 
 __all__ = ["iter_images", "precompute_latents", "latent_export_info", "add_latent_config", "write_export_vae",
@@ -84,17 +85,19 @@ def iter_images(urls, data_cfg: DataConfig, limit: int = 0, bad: Optional[dict] 
     bad = bad if bad is not None else {}
     n = 0
     for sh in shards:
-        for raw, item in _decoded(sh.url, sh.count, cfg, bad):
+        events: list = []
+        for raw, item in _decoded(iter_shard_samples(sh.url, events, sh.count), events, cfg, bad):
             yield {"image": _to_float(item["image"]), "key": raw["__key__"], "raw": raw}
             n += 1
             if limit and n >= limit:
                 return
 
 
-def _decoded(url: str, count: Optional[int], cfg: DataConfig, bad: dict,
+def _decoded(raws, events: list, cfg: DataConfig, bad: dict,
              buckets: Optional[list] = None) -> Iterator[tuple[dict, dict]]:
-    events: list = []
-    for raw in iter_shard_samples(url, events, count):
+    """(raw, decoded item) of the raw samples ``raws`` of one shard; decode failures and the shard
+    reader's ``events`` (lost samples) counted in ``bad``."""
+    for raw in raws:
         try:
             item = decode_sample(raw, cfg, random.Random(0), buckets=buckets or None)
         except Exception as e:          # data.py's rejection (reason attribute) or anything unexpected
@@ -207,9 +210,12 @@ def precompute_latents(src: str, out_dir: str, vae: FrozenVAE, data_cfg: DataCon
         if rec is not None and rec.get("ident") == ident and os.path.isfile(os.path.join(out_dir, name)):
             log(f"rank {rank}: {name}: complete, skipped")
             continue
-        url = sh["url"] if os.path.isabs(sh["url"]) or "://" in sh["url"] else os.path.join(src_dir, sh["url"])
+        url = join_url(src_dir, sh["url"])
+        events: list = []
+        raws = iter_shard_samples(url, events, sh.get("count"))
         if embedder is not None:       # every caption of the shard first, as precompute_text encodes them
-            embedder.encode([c for s in iter_shard_samples(url) for c in sample_captions(s, "txt", lines)])
+            raws = list(raws)          # (one read of the shard: the samples are decoded from this list)
+            embedder.encode([c for s in raws for c in sample_captions(s, "txt", lines)])
         bad: dict[str, int] = {}
         counts: dict[str, int] = {}
         count = 0
@@ -217,7 +223,7 @@ def precompute_latents(src: str, out_dir: str, vae: FrozenVAE, data_cfg: DataCon
         with open(tmp, "wb") as f:
             tw = wds.TarWriter(f, encoder=False, mtime=_MTIME)
             groups: dict = {}          # bucket (or None: the square size) -> samples waiting for a VAE batch
-            for raw, item in _decoded(url, sh.get("count"), cfg, bad, buckets):
+            for raw, item in _decoded(raws, events, cfg, bad, buckets):
                 key = item.get("bucket")
                 g = groups.setdefault(key, [])
                 g.append((raw, _to_float(item["image"]), item.get("size_cond")))

@@ -275,11 +275,14 @@ class LatentSpec:
         return scale_latent(mean + std * eps, np.float32(self.scale), np.float32(self.shift)).astype(np.float32)
 
 
-def check_latent_unet(spec: LatentSpec, in_channels: int) -> None:
-    """A clear error when the shards' latents do not fit the UNet."""
-    if spec.shape[0] != in_channels:
-        raise ConfigError(f"unet.in_channels={in_channels} but the precomputed latents have {spec.shape[0]} "
-                          f"channels (shape {spec.shape}): set unet.in_channels={spec.shape[0]}")
+def check_latent_unet(spec: Union[LatentSpec, Sequence[int]], in_channels: int,
+                      source: str = "the precomputed latents") -> None:
+    """A clear error when the latents (a shards' ``LatentSpec``, or a (c, h, w) shape from ``source``)
+    do not fit the UNet."""
+    shape = tuple(getattr(spec, "shape", spec))
+    if shape[0] != in_channels:
+        raise ConfigError(f"unet.in_channels={in_channels} but {source} have {shape[0]} "
+                          f"channels (shape {shape}): set unet.in_channels={shape[0]}")
 
 
 # ---------------------------------------------------------------------------------------------

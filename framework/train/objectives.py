@@ -84,7 +84,6 @@ class DiffusionObjective(_NoisedImages):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        self.vae = None     # set when images are encoded on the fly (vae.path without data.latents)
         self.encoder = None
         self.null = None
         self.buckets: list = []
@@ -106,12 +105,10 @@ class DiffusionObjective(_NoisedImages):
         super().setup(device, dtype, batch_source)
         cfg = self.cfg
         if cfg.vae.path and not cfg.data.latents:     # encoding on the fly: the frozen VAE on the trainer
-            from framework.models.vae import FrozenVAE
+            from framework.models.vae import FrozenVAE, check_latent_unet
             self.vae = FrozenVAE.from_config(cfg.vae, device=self.device)
-            c, _, _ = self.vae.latent_shape(cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-            if c != cfg.unet.in_channels:
-                raise ConfigError(f"unet.in_channels={cfg.unet.in_channels} but the VAE at vae.path={cfg.vae.path} "
-                                  f"gives {c}-channel latents: set unet.in_channels={c}")
+            check_latent_unet(self.vae.latent_shape(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
+                              cfg.unet.in_channels, f"the latents of the VAE at vae.path={cfg.vae.path}")
             self.pixel_factor = self.vae.factor
         self.buckets = self.check_buckets()
         if not cfg.data.use_embeddings:
