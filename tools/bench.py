@@ -37,8 +37,8 @@ every variant of a preset in one process; ``--group variant`` (CUDA default: SD2
 large) one variant, ours and diffusers, per process (variant speedups then come from separate
 processes: ``"paired": false``). Each group runs in its own subprocess (``--isolate``, default; off
 with ``--quick``). Peak memory per runner covers its build and warmup, above what the process held
-before: CUDA ``max_memory_allocated``; CPU the peak RSS (VmHWM, reset through
-``/proc/self/clear_refs``). Timings: ``--warmup`` untimed steps (one more under compile), then
+before: CUDA ``max_memory_allocated``; CPU the peak anonymous memory (VmHWM, reset through
+``/proc/self/clear_refs``, less the file-backed library pages: ``framework.train.plan.peak_anon_bytes``). Timings: ``--warmup`` untimed steps (one more under compile), then
 ``--steps`` timed steps, each synchronised; the median is reported (and min, max, all).
 ``--threads 1`` on a shared, oversubscribed CPU (see docs/benchmarks.md).
 Every record carries the machine's load average: on a shared machine compare numbers from one run.
@@ -335,22 +335,13 @@ def matmul_peak(device, dtype, n: int, warmup: int = 2, repeats: int = 5) -> dic
 
 class PeakMemory:
     """Peak memory of a block above what was in use when it began: CUDA max_memory_allocated, or
-    on CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs; without that, ru_maxrss
-    growth, which misses a peak below an earlier one)."""
+    on CPU the peak anonymous memory (``framework.train.plan.peak_anon_bytes``: the peak RSS, reset
+    through /proc/self/clear_refs, less the file-backed library pages, whose resident count depends
+    on the page cache, not on the model; without clear_refs, ru_maxrss growth, which misses a peak
+    below an earlier one)."""
 
     def __init__(self, device):
         self.device = device
-
-    @staticmethod
-    def _status(key: str) -> Optional[int]:
-        try:
-            with open("/proc/self/status") as f:
-                for ln in f:
-                    if ln.startswith(key + ":"):
-                        return int(ln.split()[1]) * 1024
-        except OSError:  # pragma: no cover
-            pass
-        return None
 
     def __enter__(self):
         import torch
@@ -361,11 +352,12 @@ class PeakMemory:
             self.start = torch.cuda.memory_allocated(self.device)
             self.kind = "cuda_max_memory_allocated"
             return self
-        self.start = self._status("VmRSS")
+        from framework.train.plan import proc_status
+        self.start = proc_status("RssAnon").get("RssAnon")
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")                       # reset the peak RSS (VmHWM) to the current RSS
-            self.kind = "rss_peak_above_start"
+            self.kind = "anon_peak_above_start"
         except OSError:
             import resource
             self.start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -375,17 +367,19 @@ class PeakMemory:
     def __exit__(self, *exc):
         return False
 
-    def result(self) -> dict:
+    def peak(self) -> float:
+        """The absolute peak in bytes: all the process held (CUDA: the allocator's)."""
         import torch
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-            return {"peak_mem_mb": round((peak - self.start) / 2 ** 20, 1), "mem_kind": self.kind}
+            return float(torch.cuda.max_memory_allocated(self.device))
         if self.kind == "ru_maxrss_growth":
             import resource
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        else:
-            peak = self._status("VmHWM") or 0
-        return {"peak_mem_mb": round(max(0, peak - (self.start or 0)) / 2 ** 20, 1), "mem_kind": self.kind}
+            return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        from framework.train.plan import peak_anon_bytes
+        return peak_anon_bytes()
+
+    def result(self) -> dict:
+        return {"peak_mem_mb": round(max(0, self.peak() - (self.start or 0)) / 2 ** 20, 1), "mem_kind": self.kind}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -929,7 +923,7 @@ def run_maxbatch(spec: dict) -> list[dict]:
     DeepSpeed ZeRO-2 with EMA, as run_train; 'sample': one CFG step, cond + uncond batched, so the
     network sees 2B). A probe at B runs two training steps (the second timed) or one sampling step:
     it fits if none runs out of memory (CUDA) and the peak stays within spec['limit_mb'] (default:
-    the device's memory; on CPU the peak RSS of the process, so give a limit). After an
+    the device's memory; on CPU the peak anonymous memory of the process, so give a limit). After an
     out-of-memory error the runner is rebuilt."""
     import torch
 
@@ -945,7 +939,7 @@ def run_maxbatch(spec: dict) -> list[dict]:
         total_mb = None
     limit = spec.get("limit_mb") or total_mb
     if not limit:
-        raise ValueError("maxbatch on CPU needs --mem-limit-mb (the peak RSS a probe may reach)")
+        raise ValueError("maxbatch on CPU needs --mem-limit-mb (the peak anonymous memory a probe may reach)")
     cfg = _bench_config(preset, 1, frozenset(), kind)
     if what == "train":
         ds_config, dtype, _ = _engine_setup(cfg, kind, "deepspeed")
@@ -993,10 +987,7 @@ def run_maxbatch(spec: dict) -> list[dict]:
             except torch.OutOfMemoryError:
                 state.clear()                    # the engine's buffers are in an unknown state
                 return False, None
-        if kind == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20      # absolute: all the process holds
-        else:
-            peak = (mem._status("VmHWM") or 0) / 2 ** 20
+        peak = mem.peak() / 2 ** 20              # absolute: all the process holds
         return peak <= limit, peak
 
     res = find_max_batch(probe, int(spec.get("start", 8)), float(limit), float(spec.get("tol", 0.03)),
@@ -1004,7 +995,7 @@ def run_maxbatch(spec: dict) -> list[dict]:
     rec = {"bench": "maxbatch", "what": what, "preset": preset, "model": which, "variant": variant,
            "engine": "deepspeed-zero2" if what == "train" else "inference",
            "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "input": [c, h, w], "context": [L, Dc],
-           "mem_kind": "cuda_max_memory_allocated" if kind == "cuda" else "rss_peak", **res}
+           "mem_kind": "cuda_max_memory_allocated" if kind == "cuda" else "anon_peak", **res}
     if total_mb:
         rec["device_mb"] = _r(total_mb)
     B = res["max_batch"]
@@ -1031,7 +1022,7 @@ def _run_isolated(spec: dict, timeout: Optional[float]) -> list[dict]:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cuda" if spec["device"] == "cuda" else "cpu")
     if spec["bench"] == "maxbatch" and spec["device"] == "cpu":
-        # a fixed mmap threshold: freed tensors go back to the OS, so one probe's peak RSS is not
+        # a fixed mmap threshold: freed tensors go back to the OS, so one probe's peak is not
         # inflated by heap an earlier, larger probe left behind (glibc's default threshold adapts
         # upwards after the first large free, and the heap then keeps that memory)
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 * 1024))
@@ -1115,7 +1106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maxbatch-probes", type=int, default=10, help="maxbatch: most probes per search")
     p.add_argument("--mem-limit-mb", type=float, default=None,
                    help="maxbatch: memory a probe may use (CUDA default: the device's; CPU: required, "
-                        "the peak RSS of the probing process)")
+                        "the peak anonymous memory (heap, tensors) of the probing process)")
     p.add_argument("--data-args", default=None, help="arguments for tools.bench_data (one string)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: batch 4, 1 warmup, 2 DDIM steps, tiny data, in-process, variant base")

@@ -55,7 +55,7 @@ from framework.config import Config, UNetConfig, load_config, to_dict
 __all__ = ["Cluster", "CLUSTERS", "cluster", "Workload", "make_plan", "rank_memory", "max_micro_batch",
            "collective_seconds", "comm_bytes", "checkpoint_bytes", "sample_bytes", "model_facts",
            "activation_profile", "probe_activations", "predict_rank_memory", "check_fits",
-           "device_memory_bytes", "measured_peak_bytes", "log_fields", "format_plan", "GiB"]
+           "device_memory_bytes", "measured_peak_bytes", "proc_status", "peak_anon_bytes", "log_fields", "format_plan", "GiB"]
 
 GiB = 2 ** 30
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "unet")
@@ -83,9 +83,10 @@ class Cluster:
     inter_gbs: float = 200.0
     comm_efficiency: float = 0.8        # fraction of the link a ring collective reaches (bus bandwidth)
     runtime_gib: float = 1.0            # CUDA context + NCCL buffers (outside the allocator's count)
-    alloc_overhead: float = 0.05        # on the activations: allocator rounding and fragmentation (CPU RSS:
+    alloc_overhead: float = 0.05        # on the activations: allocator rounding and fragmentation (CPU:
                                         # measured 4-5% over the tracked tensors, tiny preset)
-    device: str = "cuda"                # "cuda" | "cpu" (CPU: memory is the RSS; buckets count as touched)
+    device: str = "cuda"                # "cuda" | "cpu" (CPU: memory is the anonymous part of the RSS;
+                                        # buckets count as touched)
 
     @property
     def world(self) -> int:
@@ -100,9 +101,10 @@ CLUSTERS: dict[str, dict] = {
     "h100x8": dict(gpus_per_node=8, memory_gib=79.6, peak_tflops=989.0, intra_gbs=450.0, inter_gbs=400.0),
     "a100-80x8": dict(gpus_per_node=8, memory_gib=80.0, peak_tflops=312.0, intra_gbs=300.0, inter_gbs=200.0),
     "a100-40x8": dict(gpus_per_node=8, memory_gib=40.0, peak_tflops=312.0, intra_gbs=300.0, inter_gbs=200.0),
-    # this kind of machine: ranks are processes; memory is each process's RSS limit; the peak is
+    # this kind of machine: ranks are processes; memory is each process's limit on its anonymous
+    # memory (peak_anon_bytes: heap and tensors, not the shared library pages in the RSS); the peak is
     # the fp32 conv3x3 rate tools/bench.py measured on one thread (docs/benchmarks.md); the
-    # runtime (Python, torch, DeepSpeed in the RSS) is probed by cpu_runtime_bytes()
+    # runtime (Python, torch, DeepSpeed: their anonymous memory) is probed by cpu_runtime_bytes()
     "cpu": dict(gpus_per_node=1, memory_gib=1.0, peak_tflops=0.082, intra_gbs=5.0, inter_gbs=1.25,
                 comm_efficiency=1.0, runtime_gib=0.0, device="cpu"),
 }
@@ -418,16 +420,49 @@ eng, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(mod
                                     config=E.build_ds_config(cfg, 1, "cpu"))
 for _ in range(2):
     eng.backward(eng(torch.randn(1, 8)).pow(2).mean()); eng.step()
-print([int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+from framework.train.plan import peak_anon_bytes
+print(peak_anon_bytes())
 """
 
 
+def proc_status(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status in bytes (VmHWM, VmRSS, RssAnon, RssFile, RssShmem, ...); a field
+    the kernel does not report is absent."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for ln in f:
+                k, _, v = ln.partition(":")
+                if k in keys:
+                    out[k] = int(v.split()[0]) * 1024
+    except OSError:  # pragma: no cover  (not Linux)
+        pass
+    return out
+
+
+def peak_anon_bytes() -> float:
+    """The process's peak anonymous memory (heap, tensors, thread stacks) since start or since the
+    last reset of the peak (``echo 5 > /proc/self/clear_refs``): VmHWM less the file-backed and
+    shared pages resident now. This, not the peak RSS, is the memory a CPU job holds and the kernel
+    cannot reclaim: the RSS also counts pages of the shared libraries (torch's: ~450 MB on disk),
+    which are shared between processes, reclaimable, and resident in a number that depends on the
+    page cache, not on the job (measured: 82 MiB after `import torch, deepspeed` in one venv, 145 MiB in a freshly
+    installed one, the anonymous part 165.5 MiB in both). Exact when the file-backed pages resident
+    now are those resident at the peak; otherwise off by their change (after a warm-up step nothing
+    new is mapped, and the kernel drops library pages only under memory pressure)."""
+    s = proc_status("VmHWM", "RssFile", "RssShmem")
+    if "VmHWM" not in s:  # pragma: no cover
+        return float("nan")
+    return float(s["VmHWM"] - s.get("RssFile", 0) - s.get("RssShmem", 0))
+
+
 def cpu_runtime_bytes() -> float:
-    """The peak RSS of a training process around a model of nothing: Python, torch, DeepSpeed and
-    the framework imported, gloo initialised, a DeepSpeed ZeRO-2 engine over an 8x8 Linear stepped
-    twice (what ``tools/bench.py --sections maxbatch`` counts in its peaks besides the model).
-    From the table, or measured once in a subprocess and cached."""
-    key = f"torch-{torch.__version__}"
+    """The peak anonymous memory (``peak_anon_bytes``) of a training process around a model of
+    nothing: Python, torch, DeepSpeed and the framework imported, gloo initialised, a DeepSpeed
+    ZeRO-2 engine over an 8x8 Linear stepped twice (what ``tools/bench.py --sections maxbatch``
+    counts in its peaks besides the model). From the table, or measured once in a subprocess and
+    cached. (Keyed "anon-": a cached peak RSS from before would count library pages.)"""
+    key = f"anon-torch-{torch.__version__}"
     for path in (_cache_path(), TABLE_PATH):
         hit = _read_table(path).get("cpu_runtime", {}).get(key)
         if hit:
@@ -715,7 +750,7 @@ def check_fits(cfg: Config, world_size: int, device: Union[str, torch.device],
     if "activations" not in mem:
         return None
     total = device_memory_bytes(device, local_world)
-    runtime = 1.0 * GiB if device.type == "cuda" else cpu_runtime_bytes()   # CUDA context + NCCL / the RSS
+    runtime = 1.0 * GiB if device.type == "cuda" else cpu_runtime_bytes()   # CUDA context + NCCL / the process
     usable = total - runtime
     if mem["peak"] <= usable:
         return None
@@ -738,20 +773,17 @@ def check_fits(cfg: Config, world_size: int, device: Union[str, torch.device],
 
 def measured_peak_bytes(device: Union[str, torch.device]) -> float:
     """The peak the plan's ``peak`` is compared with: CUDA ``max_memory_allocated`` (plus nothing
-    outside the allocator), on CPU the process's peak RSS (VmHWM, which includes the runtime)."""
+    outside the allocator), on CPU the process's peak anonymous memory (``peak_anon_bytes``, which
+    includes the runtime)."""
     device = torch.device(device)
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
-    with open("/proc/self/status") as f:
-        for ln in f:
-            if ln.startswith("VmHWM:"):
-                return int(ln.split()[1]) * 1024.0
-    return float("nan")  # pragma: no cover
+    return peak_anon_bytes()
 
 
 def log_fields(memory: dict, measured_peak: float, device: Union[str, torch.device] = "cpu") -> dict:
     """Metrics for the trainer's first log line: the plan's categories (GiB) next to the measured
-    peak. On CPU the measured RSS includes the runtime the plan keeps apart: it is added here."""
+    peak. On CPU the measured peak includes the runtime the plan keeps apart: it is added here."""
     device = torch.device(device)
     runtime = cpu_runtime_bytes() if device.type == "cpu" else 0.0
     out = {f"plan/{k}_gib": v / GiB for k, v in memory.items()}
