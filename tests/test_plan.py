@@ -253,6 +253,44 @@ def test_peak_anon_bytes_counts_the_heap_not_library_pages(tmp_path):
     assert abs(d["anon_rss"] - 64) <= 4, d
 
 
+def test_calibrated_mfu_gives_back_the_measured_step_time(tmp_path, monkeypatch, capsys):
+    """tools.plan --calibrate: from bench train records (three runs of two presets; the fields the
+    bench writes), the plan's step time of each preset is the measured fastest step (of the median
+    run) to rounding of the stored MFU (4 digits: 5e-5 relative at an MFU of ~0.5), whichever peak each
+    bench process happened to probe."""
+    from tools import plan as cli
+    monkeypatch.setenv("FRAMEWORK_PLAN_CACHE", str(tmp_path / "cache.json"))
+    batch = {"tiny": 32, "latent_small": 64}
+    steps = {"tiny": [0.45, 0.43, 0.52], "latent_small": [0.70, 0.61, 0.66]}     # seconds, three runs
+    recs, flops = [{"bench": "env"}], {}
+    for k, b in batch.items():
+        w = P.Workload.from_preset(k, micro_batch=b, precision="fp32", zero_stage=2)
+        flops[k] = P.model_facts(w, flops=True)["flops_executed"]
+        for i, s in enumerate(steps[k]):
+            recs.append({"bench": "train", "preset": k, "model": "ours", "variant": "base", "device": "cpu",
+                         "batch": b, "precision": "fp32", "flops_per_image": flops[k], "step_s_min": s,
+                         "step_s_median": 1.2 * s, "peak_tflops": 0.13 + 0.01 * i, "mfu": 0.3})
+        recs.append(dict(recs[-1], model="diffusers", step_s_min=0.01))     # another model: not counted
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    entries = cli.run(["--cluster", "cpu", "--calibrate", str(bench)])
+    assert set(entries) == {"tiny|cpu|cpu", "latent_small|cpu|cpu"}
+    assert "written to" in capsys.readouterr().err
+    c = P.cluster("cpu")
+    for k, b in batch.items():
+        step = P.make_plan(P.Workload.from_preset(k, micro_batch=b, precision="fp32", zero_stage=2), c,
+                           probe="off")["step"]
+        assert step["mfu_source"] == "table"
+        assert step["step_s"] == pytest.approx(sorted(steps[k])[1], rel=1e-4), (k, step)
+    (tmp_path / "env.jsonl").write_text(json.dumps(recs[0]) + "\n")
+    with pytest.raises(SystemExit, match="no train records"):
+        cli.run(["--cluster", "cpu", "--calibrate", str(tmp_path / "env.jsonl")])
+    with pytest.raises(SystemExit, match="cache.json: Expecting"):            # not JSON lines
+        cli.run(["--cluster", "cpu", "--calibrate", str(tmp_path / "cache.json")])
+    with pytest.raises(SystemExit, match="measured on \\['cpu'\\]"):
+        cli.run(["--cluster", "h200x8", "--calibrate", str(bench)])
+
+
 def test_cli_json_and_table(capsys):
     from tools import plan as cli
     args = ["--preset", "tiny", "--cluster", "a100-40x8", "--nodes", "2", "--zero", "3", "--micro-batch", "8",
@@ -371,11 +409,11 @@ def test_step_time_ratios_between_presets_within_20pct(tmp_path):
     p = subprocess.run([sys.executable, "-m", "tools.bench", "--threads", "1", "--presets", ",".join(batch),
                         "--sections", "train", "--variants", "base", "--no-diffusers",
                         "--batch", ",".join(f"{k}={v}" for k, v in batch.items()),
-                        "--steps", "tiny=6,latent_small=6,base64=2", "--warmup", "1", "--out", str(out)],
+                        "--steps", "tiny=20,latent_small=20,base64=3", "--warmup", "1", "--out", str(out)],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [json.loads(ln) for ln in out.read_text().splitlines()]
-    measured = {r["preset"]: r["step_s_median"] for r in recs if r["bench"] == "train" and r["model"] == "ours"}
+    measured = {r["preset"]: r["step_s_min"] for r in recs if r["bench"] == "train" and r["model"] == "ours"}
     assert set(measured) == set(batch), recs
     c = P.cluster("cpu")
     planned = {k: P.make_plan(P.Workload.from_preset(k, micro_batch=b, precision="fp32", zero_stage=2), c,

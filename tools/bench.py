@@ -627,6 +627,8 @@ def _throughput(flops_per_image: float, images_per_s: float, peak: dict) -> dict
     tflops = flops_per_image * images_per_s / 1e12
     return {"flops_per_image": flops_per_image, "tflops": _r(tflops), "peak_tflops": peak["tflops"],
             "peak_kind": f'{peak["kind"]} {peak["dtype"]}',
+            "peak_tflops_by_kind": {k[:-len("_tflops")]: v for k, v in peak.items()
+                                    if k.endswith("_tflops") and k != "tflops"},
             "mfu": _r(tflops / peak["tflops"]) if peak["tflops"] else None}
 
 

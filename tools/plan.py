@@ -5,6 +5,7 @@ and GPU-hours to a target, checkpoint size, shard bandwidth (logic: framework/tr
         --zero 2 --micro-batch 32 --target-images 1e9
     python -m tools.plan --config configs/fashion.yaml --cluster h200x8      # a run config
     python -m tools.plan --preset tiny --cluster cpu --memory-gib 1 --precision fp32 --json
+    python -m tools.plan --cluster cpu --calibrate bench.jsonl    # this machine's MFU per preset
 
 Prints a readable table (stderr when --json, which puts one JSON object on stdout).
 """
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cluster", default="a100-80x8", help="h200x8, h100x8, a100-80x8, a100-40x8, cpu")
     c.add_argument("--nodes", type=int, default=None)
     c.add_argument("--gpus-per-node", type=int, default=None)
-    c.add_argument("--memory-gib", type=float, default=None, help="memory per GPU (cpu: RSS limit per rank)")
+    c.add_argument("--memory-gib", type=float, default=None, help="memory per GPU (cpu: limit on each rank's anonymous memory)")
     c.add_argument("--peak-tflops", type=float, default=None)
     c.add_argument("--intra-gbs", type=float, default=None, help="per GPU, GB/s, one direction")
     c.add_argument("--inter-gbs", type=float, default=None, help="per node, GB/s, one direction")
@@ -81,7 +82,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations: table, else a probe (auto: real CPU tensors for small models, else fake "
                         "tensors; device: on the current CUDA device)")
     o.add_argument("--json", action="store_true", help="one JSON object on stdout (the table to stderr)")
+    k = p.add_argument_group("calibration (instead of a plan)")
+    k.add_argument("--calibrate", nargs="+", default=None, metavar="BENCH_JSONL",
+                   help="record each preset's MFU on --cluster from tools/bench.py --sections train output "
+                        "(one or more runs: the median), so plans of those presets use this machine's speed")
+    k.add_argument("--table", default=None,
+                   help="with --calibrate: the table to write (default: $FRAMEWORK_PLAN_CACHE or "
+                        "~/.cache/framework/plan_table.json)")
     return p
+
+
+def calibrate(args, cl) -> dict:
+    from framework.train import plan as P
+    records = []
+    for path in args.calibrate:
+        try:
+            with open(path) as f:
+                records += [json.loads(ln) for ln in f if ln.strip()]
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--calibrate {path}: {e}")
+    try:
+        entries = P.mfu_from_bench(records, cl)
+    except ValueError as e:
+        raise SystemExit(f"--calibrate: {e}")
+    where = P.record_mfu(entries, args.table)
+    for k, v in entries.items():
+        print(f"{k}: mfu {v['mfu']:.4f} ({v['tflops']:.4g} of {v['peak_tflops']:g} TFLOP/s, "
+              f"batch {','.join(map(str, v['batch']))}, {v['runs']} run(s))", file=sys.stderr)
+    print(f"written to {where}", file=sys.stderr)
+    return entries
 
 
 def run(argv: Optional[list[str]] = None) -> dict:
@@ -94,6 +123,8 @@ def run(argv: Optional[list[str]] = None) -> dict:
                    memory_gib=args.memory_gib, peak_tflops=args.peak_tflops, intra_gbs=args.intra_gbs,
                    inter_gbs=args.inter_gbs, comm_efficiency=args.comm_efficiency,
                    runtime_gib=args.runtime_gib)
+    if args.calibrate:
+        return calibrate(args, cl)
     kw = {"precision": args.precision or ("bf16" if cl.device == "cuda" else "fp32")}
     for name, val in (("zero_stage", args.zero), ("activation_checkpointing", args.ckpt),
                       ("micro_batch", args.micro_batch), ("grad_accum", args.grad_accum), ("data", args.data)):

@@ -44,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -55,7 +56,8 @@ from framework.config import Config, UNetConfig, load_config, to_dict
 __all__ = ["Cluster", "CLUSTERS", "cluster", "Workload", "make_plan", "rank_memory", "max_micro_batch",
            "collective_seconds", "comm_bytes", "checkpoint_bytes", "sample_bytes", "model_facts",
            "activation_profile", "probe_activations", "predict_rank_memory", "check_fits",
-           "device_memory_bytes", "measured_peak_bytes", "proc_status", "peak_anon_bytes", "log_fields", "format_plan", "GiB"]
+           "device_memory_bytes", "measured_peak_bytes", "proc_status", "peak_anon_bytes", "mfu_from_bench",
+           "record_mfu", "log_fields", "format_plan", "GiB"]
 
 GiB = 2 ** 30
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "unet")
@@ -103,9 +105,10 @@ CLUSTERS: dict[str, dict] = {
     "a100-40x8": dict(gpus_per_node=8, memory_gib=40.0, peak_tflops=312.0, intra_gbs=300.0, inter_gbs=200.0),
     # this kind of machine: ranks are processes; memory is each process's limit on its anonymous
     # memory (peak_anon_bytes: heap and tensors, not the shared library pages in the RSS); the peak is
-    # the fp32 conv3x3 rate tools/bench.py measured on one thread (docs/benchmarks.md); the
+    # the fp32 conv3x3 rate tools/bench.py measured on one thread (the median of 9 probes on the
+    # development machine's Intel Xeon, 2026-11-30; docs/plan.md); the
     # runtime (Python, torch, DeepSpeed: their anonymous memory) is probed by cpu_runtime_bytes()
-    "cpu": dict(gpus_per_node=1, memory_gib=1.0, peak_tflops=0.082, intra_gbs=5.0, inter_gbs=1.25,
+    "cpu": dict(gpus_per_node=1, memory_gib=1.0, peak_tflops=0.155, intra_gbs=5.0, inter_gbs=1.25,
                 comm_efficiency=1.0, runtime_gib=0.0, device="cpu"),
 }
 
@@ -626,6 +629,48 @@ def _table_mfu(w: Workload, c: Cluster) -> Optional[float]:
         if hit:
             return float(hit["mfu"])
     return None
+
+
+def mfu_from_bench(records: list[dict], c: Cluster, variant: str = "base", model: str = "ours") -> dict[str, dict]:
+    """MFU table entries (key ``preset|device|cluster``) from ``tools/bench.py --sections train``
+    records of one or more runs: each preset's achieved TFLOP/s at its fastest step (the median
+    over runs) over the cluster's ``peak_tflops``, the number ``make_plan`` multiplies the MFU
+    with, so that the plan gives back the measured step time.
+
+    The fastest step, not the median: on a shared machine the median moves with the neighbours
+    (measured on the 2-core development machine, three runs: the base64/tiny ratio of median steps
+    31.5 to 44.8, of the fastest steps 39.8 to 43.2); on a dedicated GPU the two agree. And not the
+    bench's own ``mfu`` field, which is against the best peak probe of each process (matmul in one,
+    conv3x3 in another, moving with the load): it would carry the ratio of two probes into the ratio
+    of two presets' step times (8% between two processes of one run)."""
+    train = [r for r in records if r.get("bench") == "train" and r.get("model") == model
+             and r.get("variant") == variant and r.get("flops_per_image") and r.get("step_s_min")]
+    if not train:
+        raise ValueError(f"no train records of model {model!r}, variant {variant!r} with a FLOP count: run "
+                         "tools.bench with --sections train (the count comes with it)")
+    dev = {r.get("device", "cpu") for r in train}
+    if dev != {c.device}:
+        raise ValueError(f"the records were measured on {sorted(dev)}, cluster {c.name!r} is {c.device}")
+    machines = sorted({m.get("gpu") or m.get("cpu_model") or "?" for m in
+                       (r.get("machine") or {} for r in records if r.get("bench") == "env")})
+    out: dict[str, dict] = {}
+    for preset in sorted({r["preset"] for r in train}):
+        rs = [r for r in train if r["preset"] == preset]
+        med = statistics.median(r["flops_per_image"] * r["batch"] / r["step_s_min"] / 1e12 for r in rs)
+        out[f"{preset}|{c.device}|{c.name}"] = {
+            "mfu": round(med / c.peak_tflops, 4), "tflops": med, "peak_tflops": c.peak_tflops,
+            "runs": len(rs), "batch": sorted({r["batch"] for r in rs}), "precision": rs[0].get("precision"),
+            "machine": machines, "date": time.strftime("%Y-%m-%d"),
+            "source": f"tools/bench.py train records, {model} {variant}: the fastest step, median of {len(rs)} run(s)"}
+    return out
+
+
+def record_mfu(entries: dict[str, dict], path: Optional[str] = None) -> str:
+    """Write mfu_from_bench's entries to a table (default: the user cache the planner reads first)."""
+    path = path or _cache_path()
+    for k, v in entries.items():
+        _record(path, "mfu", k, v)
+    return path
 
 
 def make_plan(w: Workload, c: Cluster, probe: str = "auto", act: Optional[dict] = None) -> dict:
