@@ -449,10 +449,11 @@ def peak_anon_bytes() -> float:
     shared pages resident now. This, not the peak RSS, is the memory a CPU job holds and the kernel
     cannot reclaim: the RSS also counts pages of the shared libraries (torch's: ~450 MB on disk),
     which are shared between processes, reclaimable, and resident in a number that depends on the
-    page cache, not on the job (measured: 82 MiB after `import torch, deepspeed` in one venv, 145 MiB in a freshly
-    installed one, the anonymous part 165.5 MiB in both). Exact when the file-backed pages resident
-    now are those resident at the peak; otherwise off by their change (after a warm-up step nothing
-    new is mapped, and the kernel drops library pages only under memory pressure)."""
+    page cache, not on the job (measured after `import torch, deepspeed`: 80 MiB of them in one
+    venv, 141 MiB in a freshly installed one; the anonymous part 161.6 MiB in both). Exact when the
+    file-backed pages resident now are those resident at the peak; otherwise off by their change
+    (after a warm-up step nothing new is mapped, and the kernel drops library pages only under
+    memory pressure)."""
     s = proc_status("VmHWM", "RssFile", "RssShmem")
     if "VmHWM" not in s:  # pragma: no cover
         return float("nan")
