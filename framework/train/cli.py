@@ -64,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         stop.restore()
         return report(e, rank)
-    from framework.train.engine import train
+    from framework.train.engine import shutdown_distributed, train
     try:
         result = train(cfg, stop=stop)
     except _expected_errors() as e:
@@ -73,6 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from framework.dist import print0
     print0(f"done: step {result['step']}, {result['images_seen']} images"
            + (" (stopped by signal, checkpointed)" if result["stopped_by_signal"] else ""))
+    shutdown_distributed()
     return 0
 
 
