@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from framework.train import plan as P
-from framework.config import Config
+from framework.config import Config, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -289,6 +289,32 @@ def test_calibrated_mfu_gives_back_the_measured_step_time(tmp_path, monkeypatch,
         cli.run(["--cluster", "cpu", "--calibrate", str(tmp_path / "cache.json")])
     with pytest.raises(SystemExit, match="measured on \\['cpu'\\]"):
         cli.run(["--cluster", "h200x8", "--calibrate", str(bench)])
+
+
+def test_frozen_models_are_in_the_rank_memory(tmp_path):
+    """A diffusion trainer that encodes captions (and images) on the fly holds the text encoder (and
+    the VAE) on every rank: the plan counts their stored parameters in the dtype they load in, and
+    that equals what the loaded models hold. Bound 0.1%: the stored weights may carry a buffer the
+    module keeps outside its parameters (MiniLM: 512 position ids)."""
+    from framework.models.text import TextEncoder
+    from framework.models.vae import FrozenVAE, make_tiny_vae
+    cfg = Config()
+    cfg.unet = load_config(os.path.join(ROOT, "configs", "unet", "tiny.yaml")).unet
+    cfg.vae.path = make_tiny_vae(str(tmp_path / "vae"), in_channels=3)
+    fb = P.frozen_bytes(cfg, "cpu")
+    enc = TextEncoder(cfg.text, device="cpu")
+    vae = FrozenVAE.from_config(cfg.vae, device="cpu")
+    for name, module in (("text_encoder", enc.model), ("vae", vae.model)):
+        held = sum(p.numel() * p.element_size() for p in module.parameters())
+        assert fb[name] == pytest.approx(held, rel=1e-3), (name, fb, held)
+    mem = P.predict_rank_memory(cfg, 1, "cpu", probe="off")
+    assert mem["frozen"] == sum(fb.values()) and mem["static"] == pytest.approx(
+        sum(v for k, v in mem.items() if k not in ("activations", "transient_after_backward", "static", "peak")))
+    cfg.data.use_embeddings, cfg.data.latents = True, True          # both precomputed: nothing frozen held
+    assert P.frozen_bytes(cfg, "cpu") == {} and P.predict_rank_memory(cfg, 1, "cpu", probe="off")["frozen"] == 0
+    cfg.text.dtype = "bf16"
+    cfg.data.use_embeddings = False
+    assert P.frozen_bytes(cfg, "cpu")["text_encoder"] == pytest.approx(fb["text_encoder"] / 2)
 
 
 def test_cli_json_and_table(capsys):

@@ -57,7 +57,7 @@ __all__ = ["Cluster", "CLUSTERS", "cluster", "Workload", "make_plan", "rank_memo
            "collective_seconds", "comm_bytes", "checkpoint_bytes", "sample_bytes", "model_facts",
            "activation_profile", "probe_activations", "predict_rank_memory", "check_fits",
            "device_memory_bytes", "measured_peak_bytes", "proc_status", "peak_anon_bytes", "mfu_from_bench",
-           "record_mfu", "log_fields", "format_plan", "GiB"]
+           "record_mfu", "frozen_bytes", "log_fields", "format_plan", "GiB"]
 
 GiB = 2 ** 30
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "unet")
@@ -775,16 +775,66 @@ def _workload_for(cfg: Config, device: torch.device) -> Workload:
     return w
 
 
+def _stored_numel(path: str) -> Optional[int]:
+    """Elements in a model folder's safetensors files, read from their headers (nothing loaded);
+    None when the folder has none."""
+    import glob
+    from safetensors import safe_open
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        return None
+    n = 0
+    for f in files:
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                n += math.prod(st.get_slice(k).get_shape())
+    return n
+
+
+def frozen_bytes(cfg: Config, device: Union[str, torch.device]) -> dict[str, float]:
+    """The frozen models a diffusion trainer holds on every rank beside the UNet: the text encoder
+    when captions are encoded on the fly (``data.use_embeddings`` false), the VAE when images are
+    (``vae.path`` without ``data.latents``); their stored parameter count in the dtype they are
+    loaded in (``text.dtype``, ``vae.dtype``; auto: bf16 on CUDA, fp32 on CPU). A model whose
+    weights are not in a local folder of safetensors files is left out."""
+    if cfg.task != "diffusion":
+        return {}
+    device = torch.device(device)
+    size = {"fp32": 4, "bf16": 2, "fp16": 2, "auto": 2 if device.type == "cuda" else 4}
+    out: dict[str, float] = {}
+    if not cfg.data.use_embeddings:
+        from framework.models.text import resolve_encoder
+        try:
+            path = resolve_encoder(cfg.text.encoder)
+        except Exception:                        # the trainer names that error; the plan does without
+            path = ""
+        n = _stored_numel(path) if os.path.isdir(path) else None
+        if n:
+            out["text_encoder"] = float(n * size.get(cfg.text.dtype, 4))
+    if cfg.vae.path and not cfg.data.latents:
+        path = os.path.expanduser(cfg.vae.path)
+        n = _stored_numel(path) if os.path.isdir(path) else None
+        if n:
+            out["vae"] = float(n * size.get(cfg.vae.dtype, 4))
+    return out
+
+
 def predict_rank_memory(cfg: Config, world_size: int, device: Union[str, torch.device],
                         probe: str = "auto") -> dict:
-    """Bytes per rank by category (params, master_fp32, optimizer, grads, buckets, ema,
+    """Bytes per rank by category (params, master_fp32, optimizer, grads, buckets, ema, frozen,
     activations, ..., static, peak) for the run cfg on world_size ranks on ``device``, as the
-    trainer will hold them. probe: "auto" (table, else a fake-tensor probe, cached), "off"."""
+    trainer will hold them. probe: "auto" (table, else a fake-tensor probe, cached), "off".
+    ``frozen``: the text encoder and VAE when the trainer runs them (``frozen_bytes``)."""
     device = torch.device(device)
     w = _workload_for(cfg, device)
     facts = model_facts(w, flops=False)
     act = activation_profile(w, probe)
-    return rank_memory(w, world_size, facts, act, "cuda" if device.type == "cuda" else "cpu")
+    m = rank_memory(w, world_size, facts, act, "cuda" if device.type == "cuda" else "cpu")
+    frozen = sum(frozen_bytes(cfg, device).values())
+    m["frozen"] = frozen
+    m["static"] += frozen
+    m["peak"] += frozen
+    return m
 
 
 def check_fits(cfg: Config, world_size: int, device: Union[str, torch.device],
@@ -831,10 +881,13 @@ def log_fields(memory: dict, measured_peak: float, device: Union[str, torch.devi
     """Metrics for the trainer's first log line: the plan's categories (GiB) next to the measured
     peak. On CPU the measured peak includes the runtime the plan keeps apart: it is added here."""
     device = torch.device(device)
-    runtime = cpu_runtime_bytes() if device.type == "cpu" else 0.0
     out = {f"plan/{k}_gib": v / GiB for k, v in memory.items()}
+    out["memory/peak_gib"] = measured_peak / GiB
+    if "activations" not in memory:     # unknown (log.plan=tables, a model not in them): no peak to compare
+        return out
+    runtime = cpu_runtime_bytes() if device.type == "cpu" else 0.0
     planned = memory["peak"] + runtime
-    out.update({"plan/peak_with_runtime_gib": planned / GiB, "memory/peak_gib": measured_peak / GiB,
+    out.update({"plan/peak_with_runtime_gib": planned / GiB,
                 "plan/peak_over_measured": planned / measured_peak if measured_peak else float("nan")})
     return out
 
