@@ -178,6 +178,7 @@ def test_non_finite_loss_is_skipped_then_aborts(assets, tmp_path):
 
 
 @pytest.mark.equivalence
+@pytest.mark.long      # ~100 s of torch.compile on 2 cores: make test-long (CI runs it), keeping make test under 15 min
 def test_compile_matches_eager_zero2_and_zero3(assets, tmp_path):
     """engine.compile: the UNet compiled in place inside the DeepSpeed engine (dynamo + AOTAutograd's
     joint forward/backward graph; the aot_eager backend skips inductor's minutes of C++ compilation on
