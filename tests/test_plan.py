@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -301,6 +302,8 @@ def test_frozen_models_are_in_the_rank_memory(tmp_path):
     cfg = Config()
     cfg.unet = load_config(os.path.join(ROOT, "configs", "unet", "tiny.yaml")).unet
     cfg.vae.path = make_tiny_vae(str(tmp_path / "vae"), in_channels=3)
+    shutil.copy(os.path.join(cfg.vae.path, "diffusion_pytorch_model.safetensors"),   # a Hub-style variant:
+                os.path.join(cfg.vae.path, "diffusion_pytorch_model.fp16.safetensors"))   # not loaded, not counted
     fb = P.frozen_bytes(cfg, "cpu")
     enc = TextEncoder(cfg.text, device="cpu")
     vae = FrozenVAE.from_config(cfg.vae, device="cpu")

@@ -38,7 +38,8 @@ large) one variant, ours and diffusers, per process (variant speedups then come 
 processes: ``"paired": false``). Each group runs in its own subprocess (``--isolate``, default; off
 with ``--quick``). Peak memory per runner covers its build and warmup, above what the process held
 before: CUDA ``max_memory_allocated``; CPU the peak anonymous memory (VmHWM, reset through
-``/proc/self/clear_refs``, less the file-backed library pages: ``framework.train.plan.peak_anon_bytes``). Timings: ``--warmup`` untimed steps (one more under compile), then
+``/proc/self/clear_refs``, less the file-backed library pages: ``framework.train.plan.peak_anon_bytes``).
+Timings: ``--warmup`` untimed steps (one more under compile), then
 ``--steps`` timed steps, each synchronised; the median is reported (and min, max, all).
 ``--threads 1`` on a shared, oversubscribed CPU (see docs/benchmarks.md).
 Every record carries the machine's load average: on a shared machine compare numbers from one run.

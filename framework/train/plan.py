@@ -406,6 +406,7 @@ def _record(path: str, section: str, key: str, value: Any) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
     os.replace(tmp, path)
 
 
@@ -776,11 +777,14 @@ def _workload_for(cfg: Config, device: torch.device) -> Workload:
 
 
 def _stored_numel(path: str) -> Optional[int]:
-    """Elements in a model folder's safetensors files, read from their headers (nothing loaded);
-    None when the folder has none."""
+    """Elements in a model folder's safetensors files (one file or its shards), read from their
+    headers (nothing loaded); None when the folder has none. Variants (``*.fp16.safetensors``, which
+    Hub folders of SD's VAE and CLIP carry next to the full-precision file) are not what
+    ``from_pretrained`` loads by default and are left out."""
     import glob
     from safetensors import safe_open
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = sorted(f for f in glob.glob(os.path.join(path, "*.safetensors"))
+                   if "." not in os.path.basename(f)[:-len(".safetensors")])
     if not files:
         return None
     n = 0
